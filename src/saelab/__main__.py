@@ -1,0 +1,3 @@
+from saelab.cli import main
+
+main()

@@ -1,0 +1,28 @@
+"""The `saelab` command. Each sub-command lives in its own module and is a thin wrapper over the library."""
+
+from __future__ import annotations
+
+import typer
+
+from saelab.errors import SaelabError
+
+app = typer.Typer(
+    name="saelab",
+    help="Train, evaluate and diagnose sparse autoencoders against known ground truth.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    # Each module adds its commands to `app`; importing here keeps start-up to what is used.
+    from saelab.cli import synth  # noqa: F401
+
+
+def main() -> None:
+    _register()
+    try:
+        app()
+    except SaelabError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None

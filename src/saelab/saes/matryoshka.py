@@ -1,0 +1,97 @@
+"""Matryoshka BatchTopK SAE (Bussmann et al. 2025; Nabeshima 2024).
+
+Nested prefixes of the dictionary must each reconstruct the input on their own: the loss adds the
+MSE of every inner prefix [0, m_ℓ) to the full BatchTopK loss, which keeps general (parent)
+features in the early latents and counters absorption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from saelab.errors import require
+from saelab.saes.base import SparseActs, StepContext, mse_per_sample, register_sae
+from saelab.saes.batchtopk import BatchTopKSAEConfig
+from saelab.saes.topk_family import BatchThresholdMixin, TopKFamilySAE, select_batch_topk
+
+
+@dataclass(kw_only=True)
+class MatryoshkaSAEConfig(BatchTopKSAEConfig):
+    matryoshka_widths: list[int] = field(default_factory=list)
+    use_matryoshka_aux_loss: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        widths = list(self.matryoshka_widths) or default_matryoshka_widths(self.d_sae)
+        require(all(isinstance(w, int) and w > 0 for w in widths), "matryoshka_widths", widths, "must be positive integers")
+        require(all(a < b for a, b in zip(widths, widths[1:])), "matryoshka_widths", widths, "must be strictly increasing (widths must nest)")
+        require(widths[-1] <= self.d_sae, "matryoshka_widths", widths, f"must not exceed d_sae={self.d_sae}")
+        # The outer level is always the full SAE.
+        self.matryoshka_widths = widths if widths[-1] == self.d_sae else widths + [self.d_sae]
+
+
+def default_matryoshka_widths(d_sae: int) -> list[int]:
+    """SynthSAEBench's nesting for width 4096 ([128, 512, 2048, 4096]), scaled to d_sae."""
+    return sorted({max(1, d_sae // 32), max(2, d_sae // 8), max(3, d_sae // 2), d_sae})
+
+
+@register_sae("matryoshka")
+class MatryoshkaSAE(BatchThresholdMixin, TopKFamilySAE):
+    config_class = MatryoshkaSAEConfig
+    cfg: MatryoshkaSAEConfig
+
+    def __init__(self, cfg: MatryoshkaSAEConfig):
+        super().__init__(cfg)
+        self.init_threshold()
+
+    def select(self, scores_BL: torch.Tensor, ctx: StepContext | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return select_batch_topk(scores_BL, self.current_k(ctx))
+
+    def level_order(self) -> torch.Tensor | None:
+        """Latent order defining the prefixes (None = index order). The recipe sorts by frequency."""
+        return None
+
+    def prefix_reconstructions(self, acts: SparseActs, W_unit_LD: torch.Tensor) -> list[torch.Tensor]:
+        """Reconstruction from each prefix [0, m_ℓ), ℓ = 1..levels (the last is the full SAE).
+
+        Each active entry is added once, into the first level that contains it, then levels are
+        accumulated — N·D work in all instead of one decode per level."""
+        widths = self.cfg.matryoshka_widths
+        rank_L = self.level_order()
+        position_N = acts.latent_idx if rank_L is None else rank_L[acts.latent_idx]
+        level_N = torch.bucketize(position_N, torch.tensor(widths, device=position_N.device), right=True)
+        partial_BD = self.b_dec_D
+        recons = []
+        for level in range(len(widths)):
+            partial_BD = partial_BD + acts.decode_rows(W_unit_LD, mask=level_N == level)
+            recons.append(partial_BD)
+        return recons
+
+    def extra_losses(self, x_s_BD, x_tilde_BD, hidden_pre_BL, scores_BL, acts, W_unit_LD, ctx):
+        recons = self.prefix_reconstructions(acts, W_unit_LD)
+        self._last_prefix_recons = recons
+        widths = self.cfg.matryoshka_widths
+        return {f"mse_{w}": mse_per_sample(r, x_s_BD).mean() for w, r in zip(widths[:-1], recons[:-1])}
+
+    def aux_loss(self, x_s_BD, x_hat_BD, x_tilde_BD, hidden_pre_BL, scores_BL, W_unit_LD, ctx):
+        if not self.cfg.use_matryoshka_aux_loss:
+            return super().aux_loss(x_s_BD, x_hat_BD, x_tilde_BD, hidden_pre_BL, scores_BL, W_unit_LD, ctx)
+        if ctx.dead_mask_L is None or self.cfg.aux_loss_coefficient == 0:
+            return None
+        # Per level: the level's own dead latents reconstruct the residual of its prefix.
+        zero = x_s_BD.new_tensor(0.0)
+        total = zero
+        start = 0
+        rank_L = self.level_order()
+        for width, recon_BD in zip(self.cfg.matryoshka_widths, self._last_prefix_recons):
+            in_level_L = torch.zeros(self.d_sae, dtype=torch.bool, device=ctx.dead_mask_L.device)
+            if rank_L is None:
+                in_level_L[start:width] = True
+            else:
+                in_level_L = (rank_L >= start) & (rank_L < width)
+            total = total + self.aux_k_loss(x_s_BD - recon_BD.detach(), x_tilde_BD, hidden_pre_BL, scores_BL,
+                                            W_unit_LD, ctx.dead_mask_L & in_level_L, zero)
+            start = width
+        return total

@@ -1,0 +1,293 @@
+"""Shared machinery of the TopK family (TopK, BatchTopK, Matryoshka BatchTopK).
+
+Why it is fast: the dense encoder matmul x̃ W_enc is computed once without autograd; only the
+selected (sample, latent) entries enter the graph, through `gather_pre_acts`, whose backward
+touches just those entries (N·D work for N active entries instead of B·L·D). The decoder likewise
+reads only the active rows of W_dec. So a training step costs one dense B×D×L matmul plus
+O(N·D) sparse work, where SAELens pays for about six dense matmuls.
+
+Activations are "rescaled by decoder norm" (SAELens default): selection uses h ⊙ ‖W_dec‖ and
+decoding uses W_dec / ‖W_dec‖, so the decoder norm never changes which latents fire.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from saelab.errors import require
+from saelab.saes.base import SAE, SAEConfig, SparseActs, StepContext, StepOutput, mse_per_sample
+
+
+class _GatherPreActs(torch.autograd.Function):
+    """Values of h = (x_s − b_dec) W_enc + b_enc at chosen entries; backward visits only those.
+
+    The input itself needs no gradient, so b_dec's gradient is −W_enc · Σ_N g (a D×L mat-vec)."""
+
+    @staticmethod
+    def forward(ctx, x_tilde_BD, b_dec_D, W_enc_DL, b_enc_L, hidden_pre_BL, batch_idx_N, latent_idx_N):
+        ctx.save_for_backward(x_tilde_BD, W_enc_DL, batch_idx_N, latent_idx_N)
+        ctx.d_sae = hidden_pre_BL.shape[1]
+        ctx.has_b_dec = b_dec_D is not None
+        return hidden_pre_BL[batch_idx_N, latent_idx_N]
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        x_tilde_BD, W_enc_DL, batch_idx_N, latent_idx_N = ctx.saved_tensors
+        grad_N = grad_N.to(x_tilde_BD.dtype)
+        grad_W = grad_b_dec = None
+        grad_b_L = torch.zeros(ctx.d_sae, dtype=grad_N.dtype, device=grad_N.device).index_add_(0, latent_idx_N, grad_N)
+        if ctx.needs_input_grad[2]:
+            # ∂W_enc[:, l] = Σ_{entries of latent l} g · x̃[b]: a fused gather-scale-sum grouped by latent.
+            order = torch.argsort(latent_idx_N)
+            counts_L = torch.bincount(latent_idx_N, minlength=ctx.d_sae)
+            grad_W_LD = F.embedding_bag(
+                batch_idx_N[order], x_tilde_BD, torch.cumsum(counts_L, 0) - counts_L,
+                mode="sum", per_sample_weights=grad_N[order],
+            )
+            grad_W = grad_W_LD.t()
+        if ctx.has_b_dec and ctx.needs_input_grad[1]:
+            grad_b_dec = -(W_enc_DL @ grad_b_L)
+        grad_b = grad_b_L if ctx.needs_input_grad[3] else None
+        return None, grad_b_dec, grad_W, grad_b, None, None, None
+
+
+def gather_pre_acts(
+    sae: SAE,
+    x_tilde_BD: torch.Tensor,
+    hidden_pre_BL: torch.Tensor,
+    batch_idx_N: torch.Tensor,
+    latent_idx_N: torch.Tensor,
+) -> torch.Tensor:
+    """h[batch_idx, latent_idx] with gradients to W_enc, b_enc and b_dec.
+
+    `x_tilde_BD` (s·x − b_dec) and `hidden_pre_BL` (x̃ W_enc + b_enc) were computed without grad."""
+    b_dec_D = sae.b_dec_D if sae.cfg.apply_b_dec_to_input else None
+    return _GatherPreActs.apply(
+        x_tilde_BD, b_dec_D, sae.W_enc_DL, sae.b_enc_L, hidden_pre_BL, batch_idx_N, latent_idx_N
+    )
+
+
+def select_topk(scores_BL: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample top-k entries with positive score, as (batch_idx, latent_idx)."""
+    k = min(int(k), scores_BL.shape[1])
+    values_BK, latent_BK = scores_BL.topk(k, dim=1, sorted=False)
+    keep_BK = values_BK > 0
+    batch_BK = torch.arange(scores_BL.shape[0], device=scores_BL.device).unsqueeze(1).expand_as(latent_BK)
+    return batch_BK[keep_BK], latent_BK[keep_BK]
+
+
+def select_batch_topk(scores_BL: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int(k·B) largest positive entries of the whole batch, as (batch_idx, latent_idx).
+
+    Exact, but avoids a full top-k over B·L values (slower than the encoder matmul itself):
+    a strided sample estimates a threshold a little below the cut, the entries above it are the
+    candidates, and top-k runs on those. Falls back to the full top-k if the sample undershot.
+    """
+    B, L = scores_BL.shape
+    flat = scores_BL.reshape(-1)
+    m = min(int(k * B), flat.numel())
+    if m <= 0:
+        empty = torch.zeros(0, dtype=torch.long, device=scores_BL.device)
+        return empty, empty
+    candidates = None
+    n_sample = 65536
+    if flat.numel() > 4 * n_sample and m < flat.numel() // 8:
+        stride = flat.numel() // n_sample
+        sample = flat[::stride]
+        # Aim the cut at 1.5x the wanted count (plus slack for sampling noise).
+        frac = min(1.0, (1.5 * m + 64 * stride) / flat.numel())
+        pos = max(1, int(sample.numel() * (1.0 - frac)))
+        threshold = sample.kthvalue(pos).values
+        mask = flat > threshold
+        idx = mask.nonzero().squeeze(1)
+        if idx.numel() >= m:
+            candidates = idx
+    if candidates is None:
+        top = flat.topk(m, sorted=False)
+        flat_idx = top.indices[top.values > 0]
+    else:
+        top = flat[candidates].topk(m, sorted=False)
+        flat_idx = candidates[top.indices[top.values > 0]]
+    flat_idx = flat_idx.sort().values  # sample-major order, as SparseActs expects
+    return flat_idx // L, flat_idx % L
+
+
+@dataclass(kw_only=True)
+class TopKFamilyConfig(SAEConfig):
+    k: float = 100
+    aux_loss_coefficient: float = 1.0
+    rescale_acts_by_decoder_norm: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.k > 0, "k", self.k, "must be positive")
+        require(self.k <= self.d_sae, "k", self.k, f"must not exceed the width d_sae={self.d_sae}")
+        require(self.aux_loss_coefficient >= 0, "aux_loss_coefficient", self.aux_loss_coefficient, "must be ≥ 0")
+
+
+class TopKFamilySAE(SAE):
+    """Base of the TopK family. Subclasses choose which entries fire (`select`)."""
+
+    cfg: TopKFamilyConfig
+
+    def select(self, scores_BL: torch.Tensor, ctx: StepContext | None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def current_k(self, ctx: StepContext | None) -> float:
+        return self.cfg.k
+
+    # ----- encoding ---------------------------------------------------------------------------
+    def decoder_norms(self) -> torch.Tensor:
+        if self.cfg.rescale_acts_by_decoder_norm:
+            return self.W_dec_LD.norm(dim=1)
+        return torch.ones(self.d_sae, dtype=self.W_dec_LD.dtype, device=self.W_dec_LD.device)
+
+    def unit_decoder(self) -> torch.Tensor:
+        """W_dec with rows divided by their norms (with grad), or W_dec when not rescaling."""
+        if self.cfg.rescale_acts_by_decoder_norm:
+            return self.W_dec_LD / self.W_dec_LD.norm(dim=1, keepdim=True)
+        return self.W_dec_LD
+
+    def encode_train(self, x_BD: torch.Tensor, ctx: StepContext | None) -> tuple[torch.Tensor, torch.Tensor, SparseActs]:
+        """(x̃, scores_BL without grad, active codes with grad) for a training step."""
+        with torch.no_grad():
+            x_tilde_BD = self.process_input(x_BD)
+            hidden_pre_BL = x_tilde_BD @ self.W_enc_DL + self.b_enc_L
+            scores_BL = hidden_pre_BL * self.decoder_norms() if self.cfg.rescale_acts_by_decoder_norm else hidden_pre_BL
+        batch_idx, latent_idx = self.select(scores_BL, ctx)
+        values = self._gather_scaled(x_tilde_BD, hidden_pre_BL, batch_idx, latent_idx)
+        acts = SparseActs(batch_idx, latent_idx, values, x_BD.shape[0], self.d_sae)
+        return x_tilde_BD, (hidden_pre_BL, scores_BL), acts
+
+    def _gather_scaled(self, x_tilde_BD, hidden_pre_BL, batch_idx, latent_idx) -> torch.Tensor:
+        h_N = gather_pre_acts(self, x_tilde_BD, hidden_pre_BL, batch_idx, latent_idx)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            h_N = h_N * self.W_dec_LD.norm(dim=1)[latent_idx]
+        return h_N
+
+    def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x_tilde_BD = self.process_input(x_BD)
+            scores_BL = (x_tilde_BD @ self.W_enc_DL + self.b_enc_L) * self.decoder_norms()
+            batch_idx, latent_idx = self.select(scores_BL, None)
+            acts_BL = torch.zeros_like(scores_BL)
+            acts_BL[batch_idx, latent_idx] = scores_BL[batch_idx, latent_idx]
+        return acts_BL
+
+    def reconstruct(self, acts_BL: torch.Tensor) -> torch.Tensor:
+        return acts_BL.to(self.W_dec_LD.dtype) @ self.unit_decoder() + self.b_dec_D
+
+    # ----- training ---------------------------------------------------------------------------
+    def train_forward(self, x_BD: torch.Tensor, ctx: StepContext) -> StepOutput:
+        x_s_BD = self.scale_input(x_BD)
+        x_tilde_BD, (hidden_pre_BL, scores_BL), acts = self.encode_train(x_BD, ctx)
+        W_unit_LD = self.unit_decoder()
+        x_hat_BD = self.reconstruct_sparse(acts, W_unit_LD)
+        mse = mse_per_sample(x_hat_BD, x_s_BD).mean()
+        losses = {"mse": mse}
+        losses.update(self.extra_losses(x_s_BD, x_tilde_BD, hidden_pre_BL, scores_BL, acts, W_unit_LD, ctx))
+        aux = self.aux_loss(x_s_BD, x_hat_BD, x_tilde_BD, hidden_pre_BL, scores_BL, W_unit_LD, ctx)
+        if aux is not None:
+            losses["aux"] = aux
+        loss = torch.stack(list(losses.values())).sum()
+        self.observe_acts(acts)
+        metrics = {"k": float(self.current_k(ctx))}
+        return StepOutput(
+            loss=loss,
+            losses=losses,
+            x_hat_BD=x_hat_BD,
+            l0=torch.tensor(acts.batch_idx.numel() / max(x_BD.shape[0], 1)),
+            fired_L=acts.fired_L(),
+            metrics=metrics,
+        )
+
+    def extra_losses(self, x_s_BD, x_tilde_BD, hidden_pre_BL, scores_BL, acts, W_unit_LD, ctx) -> dict[str, torch.Tensor]:
+        """Losses beyond the full-width MSE (Matryoshka's inner levels)."""
+        return {}
+
+    def observe_acts(self, acts: SparseActs) -> None:
+        """Post-forward bookkeeping (BatchTopK's threshold EMA)."""
+
+    def aux_loss(self, x_s_BD, x_hat_BD, x_tilde_BD, hidden_pre_BL, scores_BL, W_unit_LD, ctx) -> torch.Tensor | None:
+        """AuxK (Gao et al.): the top dead latents reconstruct the detached residual."""
+        if ctx.dead_mask_L is None or self.cfg.aux_loss_coefficient == 0:
+            return None
+        return self.aux_k_loss(x_s_BD - x_hat_BD.detach(), x_tilde_BD, hidden_pre_BL, scores_BL, W_unit_LD,
+                               ctx.dead_mask_L, x_s_BD.new_tensor(0.0))
+
+    def aux_k_loss(self, residual_BD, x_tilde_BD, hidden_pre_BL, scores_BL, W_unit_LD, dead_mask_L, zero):
+        """scale · ‖Σ_top-k_aux dead latents − residual‖², k_aux = d_in // 2, scale = min(n_dead/k_aux, 1).
+
+        Dead latents are picked by their pre-activation (no ReLU), as SAELens does.
+        """
+        dead_idx = dead_mask_L.nonzero().squeeze(1)
+        n_dead = dead_idx.numel()
+        if n_dead == 0:
+            return zero
+        k_aux = self.d_in // 2
+        scale = min(n_dead / k_aux, 1.0)
+        k_sel = min(k_aux, n_dead)
+        with torch.no_grad():
+            _, pos_BK = scores_BL[:, dead_idx].topk(k_sel, dim=1, sorted=False)
+        latent_idx = dead_idx[pos_BK].reshape(-1)
+        batch_idx = torch.arange(scores_BL.shape[0], device=scores_BL.device).repeat_interleave(k_sel)
+        values = self._gather_scaled(x_tilde_BD, hidden_pre_BL, batch_idx, latent_idx)
+        aux_acts = SparseActs(batch_idx, latent_idx, values, residual_BD.shape[0], self.d_sae)
+        recon_BD = aux_acts.decode_rows(W_unit_LD)
+        return self.cfg.aux_loss_coefficient * scale * mse_per_sample(recon_BD, residual_BD.detach()).mean()
+
+    # ----- inference conversion ------------------------------------------------------------------
+    def to_inference(self) -> SAE:
+        sae = self.clone()
+        sae.fold_input_scale()
+        if sae.cfg.rescale_acts_by_decoder_norm:
+            sae.fold_W_dec_norm()
+            sae.cfg = dataclasses.replace(sae.cfg, rescale_acts_by_decoder_norm=False)
+        return sae
+
+
+class BatchThresholdMixin:
+    """BatchTopK's global threshold: θ ← (1−η)θ + η·min positive activation (float64 EMA).
+
+    At inference the SAE becomes a JumpReLU with threshold θ on every latent.
+    """
+
+    def init_threshold(self) -> None:
+        self.register_buffer("topk_threshold", torch.zeros((), dtype=torch.float64, device=self.W_dec_LD.device))
+
+    @torch.no_grad()
+    def observe_acts(self, acts: SparseActs) -> None:
+        positive = acts.values[acts.values > 0]
+        if positive.numel():
+            lr = self.cfg.topk_threshold_lr
+            self.topk_threshold.mul_(1 - lr).add_(lr * positive.min().to(torch.float64))
+
+    def _fold_input_scale_extra(self, scale: float) -> None:
+        # θ is in units of h·‖W_dec‖, and folding divided W_dec by the scale (SAELens #763).
+        if self.cfg.rescale_acts_by_decoder_norm:
+            self.topk_threshold.div_(scale)
+
+    def to_inference(self) -> SAE:
+        """A JumpReLU SAE with the decoder norms and input scale folded in and θ on every latent."""
+        from saelab.saes.base import get_sae_class
+
+        folded = TopKFamilySAE.to_inference(self)
+        jumprelu_cls = get_sae_class("jumprelu")
+        cfg = jumprelu_cls.config_class(
+            d_in=self.d_in,
+            d_sae=self.d_sae,
+            apply_b_dec_to_input=self.cfg.apply_b_dec_to_input,
+            decoder_init_norm=self.cfg.decoder_init_norm,
+            dtype=self.cfg.dtype,
+            device=self.cfg.device,
+        )
+        sae = jumprelu_cls(cfg)
+        with torch.no_grad():
+            for name in ("W_enc_DL", "b_enc_L", "W_dec_LD", "b_dec_D"):
+                getattr(sae, name).copy_(getattr(folded, name))
+            sae.threshold_L.fill_(float(folded.topk_threshold))
+        return sae
