@@ -161,7 +161,7 @@ KILL_SCRIPT = textwrap.dedent(
     g = torch.Generator().manual_seed(0)
     data = torch.randn(4096, 16, generator=g)
     torch.manual_seed(3)
-    cfg = TrainConfig(samples=64 * 3000, batch_size=64, checkpoint_every=50, log_every=50, lr=1e-3)
+    cfg = TrainConfig(samples=64 * 800, batch_size=64, checkpoint_every=20, log_every=20, lr=1e-3)
     trainer = Trainer({"a": build_sae("batchtopk", d_in=16, d_sae=32, k=2)}, TensorSource(data), cfg,
                       checkpoint_path=sys.argv[1], progress=False)
     if sys.argv[2] == "resume":

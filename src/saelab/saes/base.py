@@ -176,6 +176,14 @@ class SAE(nn.Module):
             self.b_dec_D.zero_()
 
     @classmethod
+    def config_for_l0(cls, d_in: int, d_sae: int, l0: float, total_steps: int, **overrides: Any) -> SAEConfig:
+        """This architecture's benchmark configuration for a target L0 (SynthSAEBench settings).
+
+        TopK-style SAEs set k = L0; penalty-based ones autotune their coefficient toward it.
+        `overrides` replace any field."""
+        raise ConfigError("arch", cls.architecture, "does not define config_for_l0(); pass its config explicitly")
+
+    @classmethod
     def from_config(cls, cfg: SAEConfig | dict[str, Any]) -> SAE:
         if isinstance(cfg, dict):
             cfg = cls.config_class.from_dict(cfg)
@@ -241,6 +249,11 @@ class SAE(nn.Module):
     # ----- training --------------------------------------------------------------------------
     def train_forward(self, x_BD: torch.Tensor, ctx: StepContext) -> StepOutput:
         raise NotImplementedError(f"{type(self).__name__} must implement train_forward()")
+
+    @property
+    def autotuned_coefficient(self) -> str | None:
+        """Name of the coefficient the trainer's L0 autotuner scales toward `cfg.target_l0` (None: none)."""
+        return None
 
     def coefficient_names(self) -> dict[str, tuple[float, int]]:
         """Named sparsity coefficients as {name: (final value, warm-up steps)}; the trainer ramps them."""
@@ -346,6 +359,9 @@ def get_sae_class(name: str) -> type[SAE]:
             raise ConfigError("arch", name, f"cannot import user architecture: {err}") from None
         if not (isinstance(cls, type) and issubclass(cls, SAE)):
             raise ConfigError("arch", name, "is not a subclass of saelab.saes.SAE")
+        missing = [m for m in ("encode", "train_forward") if getattr(cls, m) is getattr(SAE, m)]
+        if missing:
+            raise ConfigError("arch", name, f"does not implement the SAE protocol: missing {', '.join(missing)}()")
         if not cls.architecture:
             cls.architecture = name
         SAE_REGISTRY.setdefault(name, cls)

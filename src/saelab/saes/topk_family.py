@@ -137,6 +137,10 @@ class TopKFamilySAE(SAE):
     def select(self, scores_BL: torch.Tensor, ctx: StepContext | None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    @classmethod
+    def config_for_l0(cls, d_in: int, d_sae: int, l0: float, total_steps: int, **overrides):
+        return cls.config_class(**{"d_in": d_in, "d_sae": d_sae, "k": l0, **overrides})
+
     def current_k(self, ctx: StepContext | None) -> float:
         return self.cfg.k
 

@@ -121,7 +121,7 @@ class TrainResult:
 def _make_autotuner(sae: SAE, cfg: TrainConfig):
     """The SynthSAEBench L0 autotuner for SAEs that declare `target_l0` and an autotuned coefficient."""
     target = getattr(sae.cfg, "target_l0", None)
-    name = getattr(sae, "autotuned_coefficient", None)
+    name = sae.autotuned_coefficient
     if target is None or name is None:
         return None, None
     from saelab.training.l0_autotuner import L0Autotuner

@@ -1,0 +1,21 @@
+# Two entry points (see README): `make demo` sets up and runs the main job; `make test` sets up and runs the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[test,interop]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/saelab bench --protocol mini --arch matryoshka --seeds 1
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+.PHONY: setup demo test

@@ -1,0 +1,73 @@
+"""Benchmark protocols: the fixed data, width, budget and schedule that make scores comparable.
+
+`16k` is the published SynthSAEBench protocol (seed-posts §1.2). `mini` is the same recipe scaled
+for a 2-core CPU; its budget was chosen so that F1 has converged (see README, "mini protocol").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from saelab.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    data: str
+    width: int
+    samples: int
+    batch_size: int
+    lr: float
+    l0_sweep: tuple[float, ...]
+    natural_l0: float
+    seeds: int
+    eval_samples: int
+    lr_decay_fraction: float = 0.0
+    lr_warmup_steps: int = 0
+    autocast_bf16: bool = False
+    description: str = ""
+    arch_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "16k": Protocol(
+        name="16k",
+        data="synth-16k",
+        width=4096,
+        samples=200_000_000,
+        batch_size=1024,
+        lr=3e-4,
+        l0_sweep=(15, 20, 25, 30, 35, 40, 45),
+        natural_l0=25,
+        seeds=5,
+        eval_samples=1_000_000,
+        autocast_bf16=True,
+        description="Published SynthSAEBench-16k protocol (GPU): width 4096, 200M samples, batch 1024, lr 3e-4.",
+    ),
+    "mini": Protocol(
+        name="mini",
+        data="synth-mini",
+        width=1024,
+        samples=6_000_000,
+        batch_size=1024,
+        lr=1e-3,
+        lr_decay_fraction=1 / 3,
+        l0_sweep=(8, 10, 12, 14, 16),
+        natural_l0=12,
+        seeds=3,
+        eval_samples=200_000,
+        description="synth-mini, width 1024, 6M samples, lr 1e-3 with linear decay over the final third (2-core CPU).",
+    ),
+}
+
+
+def get_protocol(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise ConfigError("protocol", name, f"unknown protocol; known: {', '.join(sorted(PROTOCOLS))}")
+    return PROTOCOLS[name]

@@ -1,0 +1,227 @@
+"""Evaluate an SAE against a synthetic model's known features (the SynthSAEBench metric set).
+
+One pass over freshly sampled batches (never all samples at once) plus the decoder-only matching:
+
+    f1, precision, recall, accuracy   mean over all latents, latent j detecting argmax_i |cos(d̂_j, f_i)|
+    mcc                               mean |cos| over the Hungarian one-to-one matching (min(L, F) pairs)
+    uniqueness                        #unique best matches / L
+    explained_variance                1 − E‖x − x̂‖² / (E‖x‖² − ‖E x‖²)
+    shrinkage                         mean ‖x̂‖/‖x‖ (‖x‖ > 1e-6)
+    l0, true_l0                       mean #(act ≠ 0), mean #(a > 0) per sample
+    dead_latents                      #latents that never fired on the eval samples
+    mse                               mean over samples of ‖x − x̂‖² (summed over dimensions)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from saelab.errors import ConfigError, require
+from saelab.metrics.classification import (
+    ClassificationCalculator,
+    TrueFiringCalculator,
+    _as_dense,
+    per_true_feature_recall,
+)
+from saelab.metrics.matching import match_decoder_to_features
+from saelab.metrics.reconstruction import (
+    ReconstructionCalculator,
+    _EvalMode,
+    encode_decode,
+    resolve_device,
+    sae_dims,
+)
+
+_SCALAR_FIELDS = (
+    "f1",
+    "precision",
+    "recall",
+    "accuracy",
+    "mcc",
+    "uniqueness",
+    "explained_variance",
+    "shrinkage",
+    "l0",
+    "true_l0",
+    "dead_latents",
+    "mse",
+    "n_samples",
+)
+
+
+@dataclass
+class GroundTruthResult:
+    """Scalar metrics of one evaluation (formulas in the module docstring).
+
+    `diagnostics` (not part of `to_dict`, equality or repr) holds the per-latent and per-feature
+    tensors: best_match_L, best_cos_L, hungarian_feature_L, hungarian_cos_L, tp_L/fp_L/fn_L/tn_L,
+    precision_L, recall_L, f1_L, accuracy_L, fire_count_L, firing_count_F, firing_frequency_F.
+    """
+
+    f1: float
+    precision: float
+    recall: float
+    accuracy: float
+    mcc: float
+    uniqueness: float
+    explained_variance: float
+    shrinkage: float
+    l0: float
+    true_l0: float
+    dead_latents: int
+    mse: float
+    n_samples: int
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, float | int]:
+        """The scalar metrics only (JSON-ready)."""
+        return {name: getattr(self, name) for name in _SCALAR_FIELDS}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GroundTruthResult:
+        """Inverse of `to_dict` (unknown keys ignored; no diagnostics)."""
+        missing = [name for name in _SCALAR_FIELDS if name not in data]
+        if missing:
+            raise ConfigError("result", missing, "missing metric fields")
+        return cls(**{name: data[name] for name in _SCALAR_FIELDS})
+
+    def true_feature_recall(self) -> dict[str, torch.Tensor]:
+        """Per true feature: best recall among latents matched to it (0 if none), #latents matched,
+        and its true firing frequency. See `per_true_feature_recall`."""
+        d = self.diagnostics
+        require(bool(d), "diagnostics", "empty", "this result carries no per-latent diagnostics")
+        freq_F = d["firing_frequency_F"]
+        return per_true_feature_recall(d["best_match_L"], d["recall_L"], int(freq_F.shape[0]), freq_F)
+
+
+def _check_model(model: Any) -> tuple[int, int, torch.Tensor]:
+    F, D = getattr(model, "num_features", None), getattr(model, "hidden_dim", None)
+    require(isinstance(F, int) and F > 0, "num_features", F, "model.num_features must be a positive integer")
+    require(isinstance(D, int) and D > 0, "hidden_dim", D, "model.hidden_dim must be a positive integer")
+    feats_FD = getattr(model, "feature_vectors_FD", None)
+    require(
+        isinstance(feats_FD, torch.Tensor) and tuple(feats_FD.shape) == (F, D),
+        "feature_vectors_FD",
+        tuple(getattr(feats_FD, "shape", ())),
+        f"model.feature_vectors_FD must have shape [num_features, hidden_dim] = [{F}, {D}]",
+    )
+    return F, D, feats_FD.detach()
+
+
+def _positive_int(name: str, value: Any) -> int:
+    require(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value, "must be a positive integer"
+    )
+    return value
+
+
+@contextlib.contextmanager
+def _seeded(model: Any, seed: int | None, devices: list[torch.device]) -> Iterator[None]:
+    """Seed sampling for the duration, then put every RNG back as it was.
+
+    Seeds the global torch RNG (inside `fork_rng`) and, if the model keeps its own
+    `generator` (a torch.Generator, as saelab's SyntheticModel does), that one too."""
+    if seed is None:
+        yield
+        return
+    cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+    gen = getattr(model, "generator", None)
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        if not isinstance(gen, torch.Generator):
+            yield
+            return
+        saved = gen.get_state()
+        gen.manual_seed(seed)
+        try:
+            yield
+        finally:
+            gen.set_state(saved)
+
+
+@torch.no_grad()
+def evaluate_sae_on_synthetic(
+    sae: Any,
+    model: Any,
+    n_samples: int,
+    batch_size: int = 4096,
+    device: str | torch.device | None = None,
+    seed: int | None = None,
+    *,
+    chunk_size: int | None = None,
+) -> GroundTruthResult:
+    """Sample `n_samples` activations from `model` in batches and score `sae` against the true features.
+
+    `device`: where the samples go and the metrics run; defaults to (and must equal) the SAE's
+    device. `seed`: if given, sampling is reproducible — the global torch RNG and the model's own
+    `generator` (if it has one) are seeded for this call and restored afterwards, so the model's
+    stream is left where it was. `chunk_size`: rows per |cos| chunk (see `matching`).
+    """
+    n_samples = _positive_int("n_samples", n_samples)
+    batch_size = _positive_int("batch_size", batch_size)
+    require(seed is None or (isinstance(seed, int) and not isinstance(seed, bool)), "seed", seed, "must be an int")
+    d_in, d_sae = sae_dims(sae)
+    F, D, feats_FD = _check_model(model)
+    require(d_in == D, "d_in", d_in, f"the SAE's d_in must equal the synthetic model's hidden_dim ({D})")
+    dev = resolve_device(sae, device)
+
+    match = match_decoder_to_features(sae.W_dec_LD.detach(), feats_FD.to(dev), hungarian=True, chunk_size=chunk_size)
+    classification = ClassificationCalculator(match.best_match_L, num_features=F)
+    truth = TrueFiringCalculator(F)
+    recon = ReconstructionCalculator(d_sae)
+
+    with _seeded(model, seed, [dev, feats_FD.device]), _EvalMode(sae):
+        done = 0
+        while done < n_samples:
+            b = min(batch_size, n_samples - done)
+            hidden_BD, feature_acts_BF = model.sample_with_features(b)
+            if tuple(hidden_BD.shape) != (b, D) or tuple(feature_acts_BF.shape) != (b, F):
+                raise ConfigError(
+                    "sample_with_features",
+                    (tuple(hidden_BD.shape), tuple(feature_acts_BF.shape)),
+                    f"model must return hidden [{b}, {D}] and feature activations [{b}, {F}]",
+                )
+            hidden_BD = hidden_BD.to(dev)
+            feature_acts_BF = _as_dense(feature_acts_BF).to(dev)  # densify once, not per calculator
+            acts_BL, x_hat_BD = encode_decode(sae, hidden_BD)
+            recon.update(hidden_BD, acts_BL, x_hat_BD)
+            classification.update(acts_BL, feature_acts_BF)
+            truth.update(feature_acts_BF)
+            done += b
+
+    cls = classification.compute()
+    rec = recon.compute()
+    tru = truth.compute()
+    assert match.mcc is not None and match.hungarian_feature_L is not None and match.hungarian_cos_L is not None
+    diagnostics = {
+        "best_match_L": match.best_match_L,
+        "best_cos_L": match.best_cos_L,
+        "hungarian_feature_L": match.hungarian_feature_L,
+        "hungarian_cos_L": match.hungarian_cos_L,
+        **{k: v for k, v in cls.items() if k.endswith("_L") and k != "best_match_L"},
+        "fire_count_L": recon.dead.fire_count_L.clone(),
+        "firing_count_F": tru["firing_count_F"],
+        "firing_frequency_F": tru["firing_frequency_F"],
+    }
+    return GroundTruthResult(
+        f1=cls["f1"],
+        precision=cls["precision"],
+        recall=cls["recall"],
+        accuracy=cls["accuracy"],
+        mcc=match.mcc,
+        uniqueness=match.uniqueness,
+        explained_variance=rec["explained_variance"],
+        shrinkage=rec["shrinkage"],
+        l0=rec["l0"],
+        true_l0=tru["true_l0"],
+        dead_latents=rec["dead_latents"],
+        mse=rec["mse"],
+        n_samples=rec["n_samples"],
+        diagnostics=diagnostics,
+    )
+
