@@ -16,13 +16,18 @@ app = typer.Typer(
 
 def _register() -> None:
     # Each module adds its commands to `app`; importing here keeps start-up to what is used.
-    from saelab.cli import synth  # noqa: F401
+    from saelab.cli import bench, results, synth, train  # noqa: F401
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    from saelab.cli.common import expand_multi_value_args
+
     _register()
+    args = expand_multi_value_args(sys.argv[1:] if argv is None else argv)
     try:
-        app()
+        app(args=args, prog_name="saelab")
     except SaelabError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise SystemExit(2) from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -15,10 +14,6 @@ from saelab.errors import ConfigError
 
 RESULT_KEYS = ["arch", "l0_target", "seed", "f1", "precision", "recall", "mcc", "uniqueness", "explained_variance",
                "l0", "dead_latents", "wall_seconds"]
-
-
-def default_store_path() -> Path:
-    return Path(os.environ.get("SAELAB_STORE", "runs/results.sqlite"))
 
 
 @app.command()
@@ -57,7 +52,7 @@ def bench(
     )
     results_store = None
     if not no_store:
-        from saelab.bench.store import ResultsStore
+        from saelab.bench.store import ResultsStore, default_store_path
 
         results_store = ResultsStore(store or default_store_path())
 

@@ -1,0 +1,169 @@
+"""`saelab results`: list, rank, export and plot the runs in a results store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from saelab.cli import app
+from saelab.cli.common import console, out, print_json, results_table
+from saelab.errors import ConfigError
+
+results_app = typer.Typer(
+    invoke_without_command=True,
+    no_args_is_help=False,
+    help="List the runs in a results store; sub-commands rank, export and plot them.",
+)
+app.add_typer(results_app, name="results")
+
+STORE_HELP = "Results store (default: $SAELAB_STORE, else runs/results.sqlite)."
+RUN_JSON_KEYS = ["run_id", "protocol", "arch", "l0_target", "seed", "status", "f1", "mcc", "explained_variance", "l0",
+                 "dead_latents", "wall_seconds"]
+RUN_COLUMNS = [
+    ("run_id", "run", "{}"), ("protocol", "protocol", "{}"), ("arch", "arch", "{}"), ("l0_target", "L0 target", "{:g}"),
+    ("seed", "seed", "{}"), ("status", "status", "{}"), ("f1", "F1", "{:.4f}"), ("mcc", "MCC", "{:.4f}"),
+    ("explained_variance", "EV", "{:.4f}"), ("l0", "L0", "{:.2f}"), ("dead_latents", "dead", "{}"),
+    ("wall_seconds", "wall s", "{:.1f}"), ("started", "started (UTC)", "{}"),
+]
+BOARD_COLUMNS = [
+    ("source", "source", "{}"), ("protocol", "protocol", "{}"), ("arch", "arch", "{}"),
+    ("l0_target", "L0 target", "{:g}"), ("n_seeds", "seeds", "{}"), ("f1", "F1", "{}"), ("mcc", "MCC", "{}"),
+    ("uniqueness", "uniqueness", "{}"), ("explained_variance", "EV", "{}"), ("l0", "L0", "{}"),
+    ("dead_latents", "dead", "{}"), ("f1_best", "best F1", "{:.4f}"),
+]
+
+
+def _open(store: Optional[Path], ctx: typer.Context | None = None):
+    """Open an existing store (read commands never create one); --store given before the sub-command also counts."""
+    from saelab.bench.store import ResultsStore, default_store_path
+
+    if store is None and ctx is not None and isinstance(ctx.obj, dict):
+        store = ctx.obj.get("store")
+    return ResultsStore(store if store is not None else default_store_path(), create=False)
+
+
+def _l0_filter(values: list[str]) -> list[float] | None:
+    from saelab.cli.common import parse_l0_values
+
+    return parse_l0_values(values) or None
+
+
+@results_app.callback()
+def results(
+    ctx: typer.Context,
+    store: Optional[Path] = typer.Option(None, help=STORE_HELP),
+    protocol: Optional[str] = typer.Option(None, help="Only runs of this protocol (mini, 16k, custom, ...)."),
+    arch: list[str] = typer.Option([], help="Only these architectures."),
+    l0: list[str] = typer.Option([], help="Only these target L0s, e.g. --l0 20 25."),
+    status: Optional[str] = typer.Option(None, help="running, complete, failed or incomplete (killed part-way)."),
+    since: Optional[str] = typer.Option(None, help="Only runs started at or after this ISO time (UTC if no zone)."),
+    json_output: bool = typer.Option(False, "--json", help="One JSON line per run."),
+) -> None:
+    """List the runs in a results store (killed runs show as incomplete)."""
+    ctx.obj = {"store": store}
+    if ctx.invoked_subcommand is not None:
+        return
+    rows = _open(store).runs(protocol=protocol, arch=arch or None, l0=_l0_filter(l0), status=status, since=since)
+    if json_output:
+        for row in rows:
+            print_json({k: row.get(k) for k in RUN_JSON_KEYS})
+        return
+    if not rows:
+        console.print("no runs match")
+        return
+    for row in rows:
+        row["started"] = (row.get("started_at") or "")[:19].replace("T", " ")
+    out.print(results_table(f"runs ({len(rows)})", rows, RUN_COLUMNS))
+
+
+def _pm(row: dict[str, Any], metric: str) -> str | None:
+    mean, sd = row.get(f"{metric}_mean"), row.get(f"{metric}_sd")
+    if mean is None:
+        return None
+    digits = 2 if metric in ("l0", "dead_latents") else 4
+    return f"{mean:.{digits}f} ± {(sd or 0.0):.{digits}f}"
+
+
+@results_app.command()
+def leaderboard(
+    ctx: typer.Context,
+    store: Optional[Path] = typer.Option(None, help=STORE_HELP),
+    protocol: Optional[str] = typer.Option(None, help="Only this protocol."),
+    reference: bool = typer.Option(True, "--reference/--no-reference",
+                                   help="Show the published SynthSAEBench-16k baselines beside saelab's rows."),
+    json_output: bool = typer.Option(False, "--json", help="One JSON line per leaderboard row."),
+) -> None:
+    """Mean ± sd over seeds per (arch, L0) for complete runs, best mean F1 first."""
+    rows = _open(store, ctx).leaderboard(protocol, include_reference=reference)
+    if json_output:
+        for row in rows:
+            print_json(row)
+        return
+    if not rows:
+        console.print("no complete runs yet")
+        return
+    display = [{**row, **{m: _pm(row, m) for m in ("f1", "mcc", "uniqueness", "explained_variance", "l0",
+                                                   "dead_latents")}} for row in rows]
+    protocols = {r["protocol"] for r in rows}
+    columns = [c for c in BOARD_COLUMNS if c[0] != "protocol" or len(protocols) > 1]  # one protocol: in the title
+    table = results_table(f"leaderboard ({', '.join(sorted(protocols))})", display, columns)
+    for column in table.columns:
+        if column.header in ("arch", "source"):
+            column.no_wrap = True  # keep names whole; the mean ± sd cells may wrap on a narrow terminal
+    for i, row in enumerate(rows):
+        if row["source"] == "published":  # reference rows are not ours: set them apart
+            table.rows[i].style = "dim italic"
+    out.print(table)
+    if any(r["source"] == "published" for r in rows):
+        out.print("source=published: SynthSAEBench paper / SAELens docs (16k protocol), not run by saelab.")
+
+
+@results_app.command()
+def export(
+    ctx: typer.Context,
+    fmt: str = typer.Option(..., "--format", help="csv, json or md."),
+    out_path: Path = typer.Option(..., "--out", help="File to write (atomically)."),
+    board: bool = typer.Option(False, "--leaderboard", help="Export the leaderboard instead of the runs."),
+    store: Optional[Path] = typer.Option(None, help=STORE_HELP),
+    protocol: Optional[str] = typer.Option(None, help="Only this protocol."),
+    arch: list[str] = typer.Option([], help="Only these architectures (runs export)."),
+    l0: list[str] = typer.Option([], help="Only these target L0s (runs export)."),
+    reference: bool = typer.Option(True, "--reference/--no-reference", help="Include published rows (leaderboard)."),
+) -> None:
+    """Write the complete runs (or the leaderboard) as CSV, JSON or Markdown."""
+    from saelab.bench.store import export_leaderboard, export_runs, parse_export_format
+
+    fmt = parse_export_format(fmt)  # fail on a bad format before reading anything
+    results_store = _open(store, ctx)
+    if board:
+        rows = results_store.leaderboard(protocol, include_reference=reference)
+        export_leaderboard(rows, out_path, fmt)
+    else:
+        rows = results_store.runs(protocol=protocol, arch=arch or None, l0=_l0_filter(l0), status="complete")
+        export_runs(rows, out_path, fmt)
+    if not rows:
+        console.print("warning: nothing matched; wrote an empty export")
+    console.print(f"wrote {len(rows)} {'leaderboard rows' if board else 'runs'} to {out_path}")
+
+
+@results_app.command()
+def plot(
+    ctx: typer.Context,
+    out_path: Path = typer.Option(..., "--out", help="PNG file to write."),
+    store: Optional[Path] = typer.Option(None, help=STORE_HELP),
+    protocol: Optional[str] = typer.Option(None, help="Only this protocol."),
+    reference: bool = typer.Option(False, "--reference", help="Add the published baselines as hollow markers."),
+    title: Optional[str] = typer.Option(None, help="Figure title."),
+) -> None:
+    """F1 vs L0 and MCC vs L0, one line per architecture (mean ± sd over seeds)."""
+    from saelab.bench.store import plot_f1_vs_l0
+
+    if out_path.suffix.lower() != ".png":
+        raise ConfigError("out", str(out_path), "must end in .png")
+    rows = _open(store, ctx).leaderboard(protocol, include_reference=reference)
+    if not any(r["source"] == "saelab" for r in rows) and not reference:
+        raise ConfigError("protocol", protocol, "has no complete runs to plot")
+    plot_f1_vs_l0(rows, out_path, title=title)
+    console.print(f"wrote {out_path}")
