@@ -92,9 +92,9 @@ def build_run_saes(cfg: RunConfig, d_in: int) -> dict[str, SAE]:
 
 def load_data(spec: str, device: str = "cpu") -> Any:
     """A synthetic model from a preset name or a saved folder (saelab's or SAELens's)."""
-    from saelab.synthetic import load_synthetic
+    from saelab.synthetic import load_source
 
-    return load_synthetic(spec, device=device)
+    return load_source(spec, device=device)
 
 
 @dataclass

@@ -52,20 +52,20 @@ class TensorSource:
 
 
 class SyntheticSource:
-    """Fresh samples from a synthetic model every step, from a generator whose state is saved."""
+    """Fresh samples from a synthetic model every step; the model's generator state is the position.
+
+    Evaluations seed and restore that generator themselves, so they never shift the training stream."""
 
     def __init__(self, model: Any, seed: int = 0, device: str | torch.device = "cpu"):
         self.model = model
         self.d_in = int(model.hidden_dim)
-        self.device = torch.device(device)
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(int(seed))
+        model.manual_seed(int(seed))
 
     def next_batch(self, batch_size: int) -> torch.Tensor:
-        return self.model.sample(batch_size, generator=self.generator)
+        return self.model.sample(batch_size)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.model.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
+        self.model.generator.set_state(state["generator"])
