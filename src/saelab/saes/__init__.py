@@ -23,6 +23,7 @@ BUILTIN_ARCHITECTURE_MODULES = (
     "saelab.saes.batchtopk",
     "saelab.saes.matryoshka",
     "saelab.saes.matching_pursuit",
+    "saelab.saes.recipe",
 )
 
 
