@@ -98,6 +98,12 @@ class SparseActs:
         latent_idx, values = self.latent_idx, self.values
         if mask is not None:
             latent_idx, values = latent_idx[mask], values[mask]
+        if latent_idx.numel() * 8 > self.batch_size * self.d_sae:
+            # Dense enough (e.g. AuxK's d_in/2 latents per sample) that a matmul beats the gather.
+            batch_idx = self.batch_idx if mask is None else self.batch_idx[mask]
+            acts_BL = torch.zeros(self.batch_size, self.d_sae, dtype=W_LD.dtype, device=W_LD.device)
+            acts_BL = acts_BL.index_put((batch_idx, latent_idx), values.to(W_LD.dtype))
+            return acts_BL @ W_LD
         return F.embedding_bag(
             latent_idx, W_LD, self.offsets(mask), mode="sum", per_sample_weights=values.to(W_LD.dtype)
         )
