@@ -28,6 +28,7 @@ class Protocol:
     lr_decay_fraction: float = 0.0
     lr_warmup_steps: int = 0
     autocast_bf16: bool = False
+    dead_feature_window: int = 1000  # steps without firing before AuxK treats a latent as dead
     description: str = ""
     arch_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -62,7 +63,8 @@ PROTOCOLS: dict[str, Protocol] = {
         natural_l0=12,
         seeds=3,
         eval_samples=200_000,
-        description="synth-mini, width 1024, 6M samples, lr 1e-3 with linear decay over the final third (2-core CPU).",
+        dead_feature_window=100,
+        description="synth-mini, width 1024, 3M samples, lr 2e-3 with linear decay over the final third (2-core CPU).",
     ),
 }
 

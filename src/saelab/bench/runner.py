@@ -54,6 +54,7 @@ class BenchRequest:
             eval_samples=p.eval_samples,
             device=self.device,
             autocast_bf16=p.autocast_bf16 and self.device.startswith("cuda"),
+            dead_feature_window=p.dead_feature_window,
             arch_options={k: v for k, v in options.items() if v},
         )
 

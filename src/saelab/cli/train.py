@@ -53,6 +53,7 @@ def train(
     device: str = typer.Option("cpu"),
     bf16: bool = typer.Option(False, help="bf16 autocast for the SAE forward pass."),
     checkpoint_every: int = typer.Option(0, help="Steps between checkpoints (a final one is always written)."),
+    dead_feature_window: int = typer.Option(1000, help="Steps without firing before a latent counts as dead (AuxK)."),
     option: list[str] = typer.Option([], help="Architecture option, NAME=VALUE or ARCH.NAME=VALUE."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<time>-<arch>)."),
     resume: bool = typer.Option(False, help="Continue the killed run in --out from its last checkpoint."),
@@ -78,6 +79,7 @@ def train(
         device=device,
         autocast_bf16=bf16,
         checkpoint_every=checkpoint_every,
+        dead_feature_window=dead_feature_window,
         arch_options=_parse_options(option, arch),
     )
     if out_dir is None:

@@ -44,6 +44,7 @@ class RunConfig:
     device: str = "cpu"
     autocast_bf16: bool = False
     checkpoint_every: int = 0
+    dead_feature_window: int = 1000
     arch_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -71,6 +72,7 @@ class RunConfig:
             seed=self.seed,
             autocast_bf16=self.autocast_bf16,
             checkpoint_every=self.checkpoint_every,
+            dead_feature_window=self.dead_feature_window,
         )
 
     def sae_names(self) -> list[tuple[str, str, float]]:

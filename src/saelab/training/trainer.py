@@ -47,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 0  # steps; 0 = only at the end when a checkpoint path is given
+    autotune_integral_gain: float | None = None  # None: SynthSAEBench's 3e-4 scaled to the run length
 
     def __post_init__(self) -> None:
         require(isinstance(self.samples, int) and self.samples > 0, "samples", self.samples, "must be a positive integer")
@@ -127,7 +128,15 @@ def _make_autotuner(sae: SAE, cfg: TrainConfig):
     from saelab.training.l0_autotuner import L0Autotuner
 
     start = int(getattr(sae.cfg, "autotune_start_fraction", 0.0) * cfg.total_steps)
-    return L0Autotuner(target_l0=float(target), start_step=start), name
+    # SynthSAEBench's gain (3e-4) is tuned for its 195,312 steps; a shorter run gets a gain scaled
+    # up so the multiplier can travel as far (at most ~0.05 per step, far from unstable).
+    gain = cfg.autotune_integral_gain
+    if gain is None:
+        gain = min(0.05, 3e-4 * max(1.0, REFERENCE_STEPS / cfg.total_steps))
+    return L0Autotuner(target_l0=float(target), start_step=start, integral_gain=gain), name
+
+
+REFERENCE_STEPS = 195_312  # 200M samples / batch 1024, the SynthSAEBench protocol
 
 
 class Trainer:
