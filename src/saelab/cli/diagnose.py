@@ -51,6 +51,7 @@ def l0_command(
     batch_size: int = typer.Option(1024),
     lr: float = typer.Option(3e-3, help="Adam learning rate (3e-3 converges the toy sweeps in ~2M samples)."),
     lr_decay_fraction: float = typer.Option(0.0, help="Linear decay to 0 over this final fraction of training."),
+    dead_feature_window: int = typer.Option(1000, help="Steps without firing before a latent counts as dead (AuxK)."),
     seed: int = typer.Option(0),
     n: list[str] = typer.Option([], help="Fix the n values of s_n^dec (default: n from 1.25 to 2 × the candidate "
                                 "L0, at most 0.45 × width, iterated to a self-consistent candidate)."),
@@ -70,7 +71,8 @@ def l0_command(
         out_dir = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-l0"
     sweep = run_l0_sweep(
         data, l0, arch=arch, width=width, samples=parse_count(samples), batch_size=batch_size, lr=lr,
-        lr_decay_fraction=lr_decay_fraction, seed=seed, ns=_parse_ns(n), tolerance=tolerance,
+        lr_decay_fraction=lr_decay_fraction, dead_feature_window=dead_feature_window, seed=seed, ns=_parse_ns(n),
+        tolerance=tolerance,
         eval_samples=parse_count(eval_samples, "eval_samples"),
         gt_eval_samples=parse_count(gt_eval_samples, "gt_eval_samples"), out_dir=out_dir, device=device,
         progress=not json_output,
