@@ -54,26 +54,26 @@ class MatryoshkaSAE(BatchThresholdMixin, TopKFamilySAE):
         return None
 
     def prefix_reconstructions(self, acts: SparseActs, W_unit_LD: torch.Tensor) -> list[torch.Tensor]:
-        """Reconstruction from each prefix [0, m_ℓ), ℓ = 1..levels (the last is the full SAE).
+        """Reconstruction from each inner prefix [0, m_ℓ), ℓ = 1..levels−1.
 
-        Each active entry is added once, into the first level that contains it, then levels are
-        accumulated — N·D work in all instead of one decode per level."""
+        The outer level is the full reconstruction, which train_forward already has. Each active
+        entry is added once, into the first level that contains it, then levels are accumulated."""
         widths = self.cfg.matryoshka_widths
         rank_L = self.level_order()
         position_N = acts.latent_idx if rank_L is None else rank_L[acts.latent_idx]
         level_N = torch.bucketize(position_N, torch.tensor(widths, device=position_N.device), right=True)
         partial_BD = self.b_dec_D
         recons = []
-        for level in range(len(widths)):
+        for level in range(len(widths) - 1):
             partial_BD = partial_BD + acts.decode_rows(W_unit_LD, mask=level_N == level)
             recons.append(partial_BD)
         return recons
 
     def extra_losses(self, x_s_BD, x_tilde_BD, hidden_pre_BL, scores_BL, acts, W_unit_LD, ctx):
         recons = self.prefix_reconstructions(acts, W_unit_LD)
-        self._last_prefix_recons = recons
+        self._inner_recons = recons  # reused by the per-level aux loss of this step
         widths = self.cfg.matryoshka_widths
-        return {f"mse_{w}": mse_per_sample(r, x_s_BD).mean() for w, r in zip(widths[:-1], recons[:-1])}
+        return {f"mse_{w}": mse_per_sample(r, x_s_BD).mean() for w, r in zip(widths[:-1], recons)}
 
     def aux_loss(self, x_s_BD, x_hat_BD, x_tilde_BD, hidden_pre_BL, scores_BL, W_unit_LD, ctx):
         if not self.cfg.use_matryoshka_aux_loss:
@@ -85,7 +85,7 @@ class MatryoshkaSAE(BatchThresholdMixin, TopKFamilySAE):
         total = zero
         start = 0
         rank_L = self.level_order()
-        for width, recon_BD in zip(self.cfg.matryoshka_widths, self._last_prefix_recons):
+        for width, recon_BD in zip(self.cfg.matryoshka_widths, self._inner_recons + [x_hat_BD]):
             in_level_L = torch.zeros(self.d_sae, dtype=torch.bool, device=ctx.dead_mask_L.device)
             if rank_L is None:
                 in_level_L[start:width] = True
