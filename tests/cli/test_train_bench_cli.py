@@ -136,3 +136,16 @@ def test_multi_value_l0_ranges_expand():
     assert expand_multi_value_args(["--l0", "4..12:4"]) == ["--l0", "4", "--l0", "8", "--l0", "12"]
     with pytest.raises(ConfigError):
         expand_multi_value_args(["--l0", "9..3"])
+
+
+def test_bench_ablate_trains_the_recipe_and_each_ablation(tiny_protocol, tmp_path, capsys, monkeypatch):
+    code, out, err = run_cli(capsys, "bench", "--protocol", "tiny", "--ablate", "recipe", "--samples", "8k",
+                             "--no-store", "--out", str(tmp_path / "b"), "--json")
+    assert code == 0, err
+    results = [r for r in json_lines(out) if not r.get("summary")]
+    from saelab.saes.recipe import RecipeSAE
+
+    assert [r["arch"] for r in results] == ["recipe"] + [f"recipe-no_{c}" for c in RecipeSAE.ablations]
+    assert all(0 <= r["f1"] <= 1 for r in results)
+    code, _, err = run_cli(capsys, "bench", "--protocol", "tiny", "--ablate", "batchtopk", "--no-store")
+    assert code == 2 and "ablate='batchtopk'" in err

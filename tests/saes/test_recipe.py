@@ -429,3 +429,42 @@ def test_saelens_loads_the_plain_recipe_as_jumprelu(tmp_path):
     save_sae(sae, tmp_path / "s")
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "s"))
     torch.testing.assert_close(theirs.encode(x), sae.encode(x), rtol=1e-5, atol=1e-5)
+
+
+def test_ablation_variants_remove_exactly_one_component(tmp_path):
+    from saelab.saes.base import ablation_names
+
+    names = ablation_names("recipe")
+    assert names == [f"recipe-no_{c}" for c in RecipeSAE.ablations]
+    full = get_sae_class("recipe").config_for_l0(16, 64, 4, 100)
+    for name, (component, overrides) in zip(names, RecipeSAE.ablations.items()):
+        cls = get_sae_class(name)
+        assert issubclass(cls, RecipeSAE) and cls.architecture == name
+        cfg = cls.config_for_l0(16, 64, 4, 100)
+        changed = {f for f in vars(full) if getattr(cfg, f) != getattr(full, f)}
+        assert changed == set(overrides), (component, changed)
+        assert get_sae_class(name).config_for_l0(16, 64, 4, 100, tilt=0.5).tilt == 0.5  # caller overrides win
+    # a variant saves and loads under its own name
+    sae = get_sae_class("recipe-no_tilt")(get_sae_class("recipe-no_tilt").config_for_l0(16, 64, 4, 100))
+    save_sae(sae, tmp_path / "v")
+    loaded = load_sae(tmp_path / "v")
+    assert loaded.cfg.tilt == 0.0
+    with pytest.raises(ConfigError, match="ablate='batchtopk'.*recipe"):
+        ablation_names("batchtopk")
+
+
+def test_recipe_brings_its_own_lr_decay_to_the_trainer():
+    from saelab.training.sources import TensorSource
+    from saelab.training.trainer import TrainConfig, Trainer
+
+    cls = get_sae_class("recipe")
+    saes = {"full": cls(cls.config_for_l0(8, 16, 2, 10)),
+            "no_decay": get_sae_class("recipe-no_lr_decay")(get_sae_class("recipe-no_lr_decay").config_for_l0(8, 16, 2, 10))}
+    trainer = Trainer(saes, TensorSource(torch.randn(64, 8)), TrainConfig(samples=160, batch_size=16, lr=1e-3, log_every=1),
+                      progress=False)
+    trainer.train()
+    lrs = {n: [h[f"{n}/lr"] for h in trainer.history] for n in saes}
+    assert lrs["no_decay"] == [1e-3] * 10
+    assert lrs["full"][:7] == [1e-3] * 7 and lrs["full"][-1] == pytest.approx(1e-3 / 3, rel=1e-6)
+    with pytest.raises(ConfigError, match="lr_decay_fraction"):
+        RecipeSAEConfig(d_in=4, d_sae=8, k=2, matryoshka_widths=[4, 8], lr_decay_fraction=1.5)

@@ -19,7 +19,8 @@ RESULT_KEYS = ["arch", "l0_target", "seed", "f1", "precision", "recall", "mcc", 
 @app.command()
 def bench(
     protocol: str = typer.Option("mini", help="Benchmark protocol: mini (2-core CPU) or 16k (published, GPU)."),
-    arch: list[str] = typer.Option(["matryoshka"], help="Architectures (registry names or module:Class)."),
+    arch: Optional[list[str]] = typer.Option(None, help="Architectures (registry names or module:Class); default matryoshka."),
+    ablate: Optional[list[str]] = typer.Option(None, help="Also train ARCH with each of its components removed in turn (e.g. recipe)."),
     l0: Optional[list[str]] = typer.Option(None, help="Target L0s (default: the protocol's natural L0)."),
     seeds: int = typer.Option(1, help="Number of seeds (0..seeds-1)."),
     seed_start: int = typer.Option(0, help="First seed."),
@@ -33,11 +34,14 @@ def bench(
     """Train and score every (arch, L0, seed); print mean ± sd per (arch, L0); record all results."""
     from saelab.bench.protocols import get_protocol
     from saelab.bench.runner import BenchRequest, run_bench, summarize
-    from saelab.saes.base import get_sae_class
+    from saelab.saes.base import ablation_names, get_sae_class
 
     proto = get_protocol(protocol)
     if seeds <= 0:
         raise ConfigError("seeds", seeds, "must be a positive integer")
+    arch = list(arch or ([] if ablate else ["matryoshka"]))
+    for base in ablate or []:
+        arch += [name for name in [base, *ablation_names(base)] if name not in arch]
     for name in arch:
         get_sae_class(name)
     l0s = parse_l0_values(l0) if l0 else [float(proto.natural_l0)]

@@ -153,6 +153,9 @@ class SAE(nn.Module):
 
     architecture: ClassVar[str] = ""
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    # Component name -> config overrides that remove it; `register_ablations` turns each into a
+    # variant "<arch>-no_<component>" (what `saelab bench --ablate ARCH` trains).
+    ablations: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -268,6 +271,12 @@ class SAE(nn.Module):
     def after_step(self) -> None:
         """Called after each optimiser step (projections such as clamping a threshold)."""
 
+    def train_overrides(self) -> dict[str, Any]:
+        """Trainer schedule settings this SAE brings with it (e.g. the recipe's own LR decay).
+
+        Only keys of `TRAIN_OVERRIDE_KEYS`; the trainer applies them to this SAE alone."""
+        return {}
+
     def to_inference(self) -> SAE:
         """An SAE for inference: the input scale and decoder norms folded into the weights.
 
@@ -347,6 +356,48 @@ def register_sae(name: str):
         return cls
 
     return wrap
+
+
+TRAIN_OVERRIDE_KEYS = ("lr_decay_fraction", "lr_schedule", "lr_warmup_steps")
+
+
+def register_variant(name: str, base: type[SAE], overrides: dict[str, Any]) -> type[SAE]:
+    """Register `name` as `base` with config `overrides` applied on top of `base.config_for_l0`.
+
+    A variant is a real registered architecture: it trains, saves and loads under its own name, so
+    an ablation's results never mix with the full model's."""
+    frozen = dict(overrides)
+
+    def config_for_l0(cls, d_in: int, d_sae: int, l0: float, total_steps: int, **more: Any) -> SAEConfig:
+        return super(variant, cls).config_for_l0(d_in, d_sae, l0, total_steps, **{**frozen, **more})
+
+    variant = type(f"{base.__name__}__{name.replace('-', '_')}", (base,), {
+        "config_for_l0": classmethod(config_for_l0),
+        "variant_overrides": frozen,
+        "ablations": {},
+        "__doc__": f"{base.architecture} with {frozen}.",
+        "__module__": base.__module__,
+    })
+    return register_sae(name)(variant)
+
+
+def register_ablations(base: type[SAE]) -> list[str]:
+    """Register "<arch>-no_<component>" for each entry of `base.ablations`; returns the names."""
+    names = []
+    for component, overrides in base.ablations.items():
+        name = f"{base.architecture}-no_{component}"
+        register_variant(name, base, overrides)
+        names.append(name)
+    return names
+
+
+def ablation_names(arch: str) -> list[str]:
+    """The registered ablation variants of `arch` (ConfigError if it declares none)."""
+    cls = get_sae_class(arch)
+    if not cls.ablations:
+        with_ablations = sorted(n for n, c in SAE_REGISTRY.items() if c.ablations)
+        raise ConfigError("ablate", arch, f"declares no ablations; architectures with ablations: {', '.join(with_ablations) or 'none'}")
+    return [f"{cls.architecture}-no_{component}" for component in cls.ablations]
 
 
 def get_sae_class(name: str) -> type[SAE]:

@@ -49,7 +49,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from saelab.errors import require
-from saelab.saes.base import SAE, SAEConfig, SparseActs, StepContext, StepOutput, mse_per_sample, register_sae
+from saelab.saes.base import (
+    SAE,
+    SAEConfig,
+    SparseActs,
+    StepContext,
+    StepOutput,
+    mse_per_sample,
+    register_ablations,
+    register_sae,
+)
 from saelab.saes.batchtopk import BatchTopKSAEConfig
 from saelab.saes.matryoshka import MatryoshkaSAE, MatryoshkaSAEConfig, default_matryoshka_widths
 from saelab.saes.topk_family import BatchThresholdMixin, TopKFamilySAE, gather_pre_acts, select_batch_topk
@@ -128,9 +137,14 @@ class RecipeSAEConfig(MatryoshkaSAEConfig):
     use_matryoshka: bool = True
     leave_one_out: bool = False
     loo_scale: float = 1.0
+    # The recipe's own LR schedule (linear decay to 0 over this final fraction); None = the trainer's.
+    lr_decay_fraction: float | None = None
 
     def validate(self) -> None:
         super().validate()
+        if self.lr_decay_fraction is not None:
+            require(_finite(self.lr_decay_fraction) and 0 <= self.lr_decay_fraction <= 1, "lr_decay_fraction",
+                    self.lr_decay_fraction, "must be in [0, 1] or None (use the trainer's)")
         require(isinstance(self.ista_steps, int) and not isinstance(self.ista_steps, bool) and self.ista_steps >= 0,
                 "ista_steps", self.ista_steps, "must be an integer ≥ 0 (0 = plain encoder)")
         require(_finite(self.ista_eta) and self.ista_eta > 0, "ista_eta", self.ista_eta, "must be a finite number > 0")
@@ -179,6 +193,16 @@ class RecipeSAE(MatryoshkaSAE):
 
     config_class = RecipeSAEConfig
     cfg: RecipeSAEConfig
+    # `saelab bench --ablate recipe`: each component removed in turn (seed-posts §2.3).
+    ablations = {
+        "ista": {"ista_steps": 0},
+        "decreasing_k": {"k_initial": None},
+        "frequency_sort": {"frequency_sort": False},
+        "detach_inner": {"detach_inner": False},
+        "tilt": {"tilt": 0.0},
+        "lr_decay": {"lr_decay_fraction": 0.0},
+        "leave_one_out": {"leave_one_out": False},
+    }
     saelens_names = {**SAE.saelens_names, "thresholds": "ista_thresholds", "eta": "ista_eta_T"}
 
     def __init__(self, cfg: RecipeSAEConfig):
@@ -223,8 +247,12 @@ class RecipeSAE(MatryoshkaSAE):
             "tilt": 0.002,
             "leave_one_out": True,
             "loo_scale": 1.0,
+            "lr_decay_fraction": 1 / 3,
             **overrides,
         })
+
+    def train_overrides(self) -> dict[str, Any]:
+        return {} if self.cfg.lr_decay_fraction is None else {"lr_decay_fraction": self.cfg.lr_decay_fraction}
 
     # ----- schedule and ordering ------------------------------------------------------------------
     def current_k(self, ctx: StepContext | None) -> float:
@@ -475,6 +503,9 @@ class RecipeSAE(MatryoshkaSAE):
         """Every recipe-specific config field, so `load_sae` rebuilds the same SAE."""
         base = {f.name for f in dataclasses.fields(SAEConfig)}
         return {f.name: getattr(self.cfg, f.name) for f in dataclasses.fields(self.cfg) if f.name not in base}
+
+
+register_ablations(RecipeSAE)
 
 
 # ----- Multi-L0 -----------------------------------------------------------------------------------

@@ -107,6 +107,7 @@ class SAEState:
     autotuner: Any = None
     autotuned: str | None = None
     last: dict[str, float] = field(default_factory=dict)
+    train_cfg: TrainConfig | None = None  # the run's config with this SAE's own schedule overrides
 
 
 @dataclass
@@ -134,6 +135,16 @@ def _make_autotuner(sae: SAE, cfg: TrainConfig):
     if gain is None:
         gain = min(0.05, 3e-4 * max(1.0, REFERENCE_STEPS / cfg.total_steps))
     return L0Autotuner(target_l0=float(target), start_step=start, integral_gain=gain), name
+
+
+def _with_sae_overrides(cfg: TrainConfig, name: str, sae: SAE) -> TrainConfig:
+    from saelab.saes.base import TRAIN_OVERRIDE_KEYS
+
+    overrides = sae.train_overrides()
+    for key, value in overrides.items():
+        require(key in TRAIN_OVERRIDE_KEYS, f"{name}.train_overrides", key,
+                f"an SAE may only override {', '.join(TRAIN_OVERRIDE_KEYS)}")
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
 REFERENCE_STEPS = 195_312  # 200M samples / batch 1024, the SynthSAEBench protocol
@@ -183,6 +194,7 @@ class Trainer:
                 fire_count_L=torch.zeros(L, dtype=torch.long, device=self.device),
                 autotuner=tuner,
                 autotuned=tuned,
+                train_cfg=_with_sae_overrides(cfg, name, sae),
             )
 
     # ----- the loop ---------------------------------------------------------------------------
@@ -234,7 +246,7 @@ class Trainer:
 
     def _train_step(self, state: SAEState, x_BD: torch.Tensor) -> None:
         cfg, sae, step = self.cfg, state.sae, self.step
-        lr = cfg.lr * lr_multiplier(step, cfg)
+        lr = cfg.lr * lr_multiplier(step, state.train_cfg or cfg)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
         coefficients = {}
