@@ -149,3 +149,22 @@ def test_bench_ablate_trains_the_recipe_and_each_ablation(tiny_protocol, tmp_pat
     assert all(0 <= r["f1"] <= 1 for r in results)
     code, _, err = run_cli(capsys, "bench", "--protocol", "tiny", "--ablate", "batchtopk", "--no-store")
     assert code == 2 and "ablate='batchtopk'" in err
+
+
+def test_bench_jobs_runs_seeds_in_parallel_workers_with_the_same_results(tiny_protocol, tmp_path, capsys):
+    runs = {}
+    for jobs in (1, 2):
+        store = tmp_path / f"jobs{jobs}.sqlite"
+        code, out, err = run_cli(capsys, "bench", "--protocol", "tiny", "--arch", "batchtopk", "--seeds", "2",
+                                 "--samples", "20k", "--jobs", str(jobs), "--store", str(store),
+                                 "--out", str(tmp_path / f"b{jobs}"), "--json")
+        assert code == 0, err
+        runs[jobs] = {r["seed"]: r for r in json_lines(out) if not r.get("summary")}
+        code, out, err = run_cli(capsys, "results", "--store", str(store), "--json")
+        assert [r["status"] for r in json_lines(out)] == ["complete", "complete"]
+    assert sorted(runs[1]) == sorted(runs[2]) == [0, 1]
+    for seed in (0, 1):  # same seeds, same configs; only thread counts differ (float summation order)
+        assert runs[2][seed]["f1"] == pytest.approx(runs[1][seed]["f1"], abs=0.03)
+        assert runs[2][seed]["explained_variance"] == pytest.approx(runs[1][seed]["explained_variance"], abs=0.01)
+    code, _, err = run_cli(capsys, "bench", "--protocol", "tiny", "--jobs", "0", "--no-store")
+    assert code == 2 and "jobs=0" in err

@@ -82,38 +82,102 @@ def run_bench(
     store: Any = None,
     progress: bool = True,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
-    """Run the request; returns one record per (arch, L0, seed)."""
-    model = load_data(request.protocol.data, device=request.device)
+    """Run the request; returns one record per (arch, L0, seed).
+
+    `jobs` > 1 trains that many seeds at once in worker processes, each with its share of the CPU
+    threads (on a 2-core CPU two single-threaded seeds beat one two-threaded seed by ~1.6×). Every
+    worker writes its own results into the same store (SQLite in WAL mode takes concurrent writers)."""
+    require(isinstance(jobs, int) and jobs >= 1, "jobs", jobs, "must be a positive integer")
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    if jobs == 1 or len(request.seeds) == 1:
+        model = load_data(request.protocol.data, device=request.device)
+        records: list[dict[str, Any]] = []
+        for seed in request.seeds:
+            records += run_seed(request, seed, stamp, model=model, store=store, progress=progress, on_result=on_result)
+        return records
+    return _run_seeds_in_workers(request, stamp, store, on_result, jobs)
+
+
+def run_seed(
+    request: BenchRequest,
+    seed: int,
+    stamp: str,
+    model: Any = None,
+    store: Any = None,
+    progress: bool = True,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Every (arch, L0) of one seed, trained together on one stream; each result recorded as it lands."""
+    if model is None:
+        model = load_data(request.protocol.data, device=request.device)
+    cfg = request.run_config(seed)
+    run_dir = request.out_dir / f"{request.protocol.name}-{stamp}-seed{seed}"
+    env = envelope({"protocol": request.protocol.to_dict(), "run": dataclasses.asdict(cfg)}, request.device)
+    run_ids: dict[str, Any] = {}
+    if store is not None:
+        for name, arch, l0 in cfg.sae_names():
+            run_ids[name] = store.start_run(request.protocol.name, arch, l0, seed, env)
+    seed_started = time.perf_counter()
     records: list[dict[str, Any]] = []
-    for seed in request.seeds:
-        cfg = request.run_config(seed)
-        run_dir = request.out_dir / f"{request.protocol.name}-{stamp}-seed{seed}"
-        env = envelope({"protocol": request.protocol.to_dict(), "run": dataclasses.asdict(cfg)}, request.device)
-        run_ids: dict[str, Any] = {}
+
+    def record_result(record: dict[str, Any]) -> None:
+        record = {**record, "protocol": request.protocol.name,
+                  "wall_seconds": time.perf_counter() - seed_started, "run_dir": str(run_dir)}
+        record.pop("train_stats", None)
         if store is not None:
-            for name, arch, l0 in cfg.sae_names():
-                run_ids[name] = store.start_run(request.protocol.name, arch, l0, seed, env)
-        seed_started = time.perf_counter()
+            store.finish_run(run_ids[record["name"]], record, record["wall_seconds"])
+        records.append(record)
+        if on_result:
+            on_result(record)
 
-        def record_result(record: dict[str, Any]) -> None:
-            record = {**record, "protocol": request.protocol.name,
-                      "wall_seconds": time.perf_counter() - seed_started, "run_dir": str(run_dir)}
-            record.pop("train_stats", None)
-            if store is not None:
-                store.finish_run(run_ids[record["name"]], record, record["wall_seconds"])
-            records.append(record)
-            if on_result:
-                on_result(record)
+    try:
+        run_training(cfg, run_dir, progress=progress, model=model, on_result=record_result)
+    except BaseException as err:
+        if store is not None and not isinstance(err, KeyboardInterrupt):
+            done = {r["name"] for r in records}
+            for name, run_id in run_ids.items():
+                if name not in done:
+                    store.fail_run(run_id, f"{type(err).__name__}: {err}")
+        raise
+    return records
 
+
+def _worker_run_seed(request: BenchRequest, seed: int, stamp: str, store_path: str | None, threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    store = None
+    if store_path is not None:
+        from saelab.bench.store import ResultsStore
+
+        store = ResultsStore(store_path)
+    return run_seed(request, seed, stamp, store=store, progress=False)
+
+
+def _run_seeds_in_workers(request, stamp, store, on_result, jobs) -> list[dict[str, Any]]:
+    import concurrent.futures as cf
+    import multiprocessing
+    import os
+
+    import torch
+
+    threads = max(1, (os.cpu_count() or 1) // jobs) if request.device == "cpu" else torch.get_num_threads()
+    store_path = str(store.path) if store is not None else None
+    records: list[dict[str, Any]] = []
+    # spawn, not fork: a forked child inherits the parent's OpenMP pool and torch state.
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_worker_run_seed, request, seed, stamp, store_path, threads) for seed in request.seeds]
         try:
-            run_training(cfg, run_dir, progress=progress, model=model, on_result=record_result)
-        except BaseException as err:
-            if store is not None and not isinstance(err, KeyboardInterrupt):
-                done = {r["name"] for r in records if r["seed"] == seed}
-                for name, run_id in run_ids.items():
-                    if name not in done:
-                        store.fail_run(run_id, f"{type(err).__name__}: {err}")
+            for future in cf.as_completed(futures):
+                for record in future.result():
+                    records.append(record)
+                    if on_result:
+                        on_result(record)
+        except BaseException:
+            for f in futures:
+                f.cancel()
             raise
+    records.sort(key=lambda r: (r["seed"], r["name"]))
     return records

@@ -26,6 +26,7 @@ def bench(
     seed_start: int = typer.Option(0, help="First seed."),
     samples: Optional[str] = typer.Option(None, help="Override the protocol's training samples (e.g. for convergence checks)."),
     device: str = typer.Option("cpu"),
+    jobs: int = typer.Option(1, help="Seeds trained at once in worker processes (CPU: e.g. 2 on 2 cores)."),
     store: Optional[Path] = typer.Option(None, help="Results store (default runs/results.sqlite or $SAELAB_STORE)."),
     no_store: bool = typer.Option(False, help="Do not record results."),
     out_dir: Path = typer.Option(Path("runs/bench"), "--out", help="Folder for run folders."),
@@ -64,7 +65,8 @@ def bench(
         if json_output:
             print_json({k: record.get(k) for k in RESULT_KEYS})
 
-    records = run_bench(request, store=results_store, progress=not json_output, on_result=emit)
+    records = run_bench(request, store=results_store, progress=not json_output and jobs == 1, on_result=emit,
+                        jobs=jobs)
     summary = summarize(records)
     if json_output:
         for row in summary:
