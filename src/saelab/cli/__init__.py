@@ -17,6 +17,7 @@ app = typer.Typer(
 def _register() -> None:
     # Each module adds its commands to `app`; importing here keeps start-up to what is used.
     from saelab.cli import bench, diagnose, report, results, synth, train  # noqa: F401
+    from saelab.cli import cache  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -61,16 +61,36 @@ def l0_command(
     device: str = typer.Option("cpu"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/<time>-l0)."),
     json_output: bool = typer.Option(False, "--json", help="End with one JSON line: recommended_l0 and the metrics."),
+    activations: Optional[str] = typer.Option(None, help="Activation file or `saelab cache` folder (instead of --data)."),
+    model: Optional[str] = typer.Option(None, help="Local causal-LM folder: sweep on its activations (with --dataset)."),
+    layer: Optional[int] = typer.Option(None, help="With --model: hook the output of this block."),
+    hook_module: Optional[str] = typer.Option(None, help="With --model: hook this named module."),
+    dataset: Optional[str] = typer.Option(None, help="With --model: text file, folder, `datasets` folder or tokens."),
+    context_size: int = typer.Option(128, help="With --model: tokens per context."),
 ) -> None:
     """Train one SAE per L0 on a shared stream, plot s_n^dec and decoder |cos| against L0, recommend an L0."""
     from saelab.diagnostics.l0 import run_l0_sweep
+
+    source: object = data
+    if model is not None:
+        from saelab.diagnostics.data import lm_data_handle
+
+        if not dataset:
+            raise ConfigError("dataset", dataset, "--model needs --dataset")
+        if (layer is None) == (hook_module is None):
+            raise ConfigError("layer", layer, "--model needs exactly one of --layer N and --hook-module NAME")
+        source = lm_data_handle(model, dataset, layer=layer, hook_module=hook_module, context_size=context_size,
+                                device=device)
+        data = source.spec
+    elif activations is not None:
+        source = data = activations
 
     if not l0:
         raise ConfigError("l0", l0, "give at least one L0 (e.g. --l0 5..25)")
     if out_dir is None:
         out_dir = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-l0"
     sweep = run_l0_sweep(
-        data, l0, arch=arch, width=width, samples=parse_count(samples), batch_size=batch_size, lr=lr,
+        source, l0, arch=arch, width=width, samples=parse_count(samples), batch_size=batch_size, lr=lr,
         lr_decay_fraction=lr_decay_fraction, dead_feature_window=dead_feature_window, seed=seed, ns=_parse_ns(n),
         tolerance=tolerance,
         eval_samples=parse_count(eval_samples, "eval_samples"),

@@ -15,6 +15,12 @@ from saelab.errors import ConfigError
 
 JSON_KEYS = ["f1", "precision", "recall", "mcc", "uniqueness", "explained_variance", "l0", "dead_latents",
              "samples_per_second", "run_dir"]
+GROUND_TRUTH_KEYS = {"f1", "precision", "recall", "mcc", "uniqueness"}
+# Real activations: the synthetic line minus ground truth, plus the spliced-LM metrics when evaluated.
+REAL_JSON_KEYS = [k for k in JSON_KEYS if k not in GROUND_TRUTH_KEYS] + ["ce_loss_recovered", "kl_div"]
+REAL_COLUMNS = [("name", "SAE", "{}"), ("explained_variance", "EV", "{:.3f}"), ("l0", "L0", "{:.2f}"),
+                ("dead_latents", "dead", "{}"), ("ce_loss_recovered", "CE recovered", "{:.3f}"),
+                ("kl_div", "KL", "{:.4f}")]
 
 
 def _parse_options(options: list[str], archs: list[str]) -> dict[str, dict[str, object]]:
@@ -58,8 +64,23 @@ def train(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<time>-<arch>)."),
     resume: bool = typer.Option(False, help="Continue the killed run in --out from its last checkpoint."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON line per SAE at the end."),
+    model: Optional[str] = typer.Option(None, help="Local Hugging Face causal-LM folder (real activations; "
+                                        "nothing is downloaded)."),
+    layer: Optional[int] = typer.Option(None, help="Hook the output of this transformer block (0-based)."),
+    hook_module: Optional[str] = typer.Option(None, help="Hook this named module instead of --layer."),
+    dataset: Optional[str] = typer.Option(None, help="Text file (one document per line), folder of text files, "
+                                          "`datasets` save_to_disk folder, or token file."),
+    text_column: str = typer.Option("text", help="Text column of a `datasets` folder."),
+    context_size: int = typer.Option(128, help="Tokens per context (documents are truncated)."),
+    model_batch_size: int = typer.Option(8, help="Contexts per LM forward pass."),
+    buffer_size: int = typer.Option(16384, help="Rows in the shuffling buffer."),
+    model_dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 for the LM."),
+    prefetch: bool = typer.Option(True, help="Run LM forward passes in a background thread."),
+    cache: Optional[str] = typer.Option(None, help="Train from an activation cache written by `saelab cache`."),
+    activations: list[str] = typer.Option([], help="Train from .npy/.safetensors [N, d_in] activation files."),
 ) -> None:
-    """Train SAEs on a data stream, evaluate them against the ground truth and save a run folder."""
+    """Train SAEs on a data stream, evaluate them (ground truth, or the spliced LM) and save a run folder."""
+    from saelab.activations import uses_real_data
     from saelab.training.run import RunConfig, run_training
 
     cfg = RunConfig(
@@ -81,19 +102,30 @@ def train(
         checkpoint_every=checkpoint_every,
         dead_feature_window=dead_feature_window,
         arch_options=_parse_options(option, arch),
+        model=model, layer=layer, hook_module=hook_module, dataset=dataset, text_column=text_column,
+        context_size=context_size, model_batch_size=model_batch_size, buffer_size=buffer_size,
+        model_dtype=model_dtype, prefetch=prefetch, cache=cache, activations=activations,
     )
+    real = uses_real_data(cfg)
     if out_dir is None:
         if resume:
             raise ConfigError("resume", True, "needs --out naming the run folder to resume")
         out_dir = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{'-'.join(arch)}"
     result = run_training(cfg, out_dir, resume=resume, progress=not json_output)
+    keys = REAL_JSON_KEYS if real else JSON_KEYS
     if json_output:
         for record in result.results:
-            print_json({**{k: record.get(k) for k in JSON_KEYS if k != "run_dir"},
+            print_json({**{k: record.get(k) for k in keys if k != "run_dir" and (k in record or not real)},
                         "name": record["name"], "arch": record["arch"], "l0_target": record["l0_target"],
                         "run_dir": str(result.run_dir)})
         return
-    out.print(results_table(f"{data}: ground-truth metrics", result.results, METRIC_COLUMNS))
+    if not result.results:  # a rank other than 0 under torchrun: rank 0 reports
+        return
+    if real:
+        out.print(results_table(f"{model or cache or ', '.join(activations)}: reconstruction metrics",
+                                result.results, REAL_COLUMNS))
+    else:
+        out.print(results_table(f"{data}: ground-truth metrics", result.results, METRIC_COLUMNS))
     out.print(f"{result.samples_per_second:,.0f} samples/s, {result.wall_seconds:.1f} s; run folder: {result.run_dir}")
 
 

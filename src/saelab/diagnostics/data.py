@@ -131,8 +131,16 @@ def resolve_data(spec: str, device: str = "cpu", eval_fraction: float = 0.1, max
     """A preset name, a synthetic-model folder, or an activation file."""
     require(isinstance(spec, str) and spec.strip() != "", "data", spec, "name a preset, a model folder or an activation file")
     path = Path(spec).expanduser()
-    if path.is_file() or path.suffix.lower() in ACTIVATION_SUFFIXES:
-        acts_ND = load_activations(path).to(device)
+    is_cache = path.is_dir() and (path / "manifest.json").is_file()
+    if is_cache or path.is_file() or path.suffix.lower() in ACTIVATION_SUFFIXES:
+        if is_cache:  # an activation cache written by `saelab cache`: all its rows
+            from saelab.activations.cache import open_cache
+            from saelab.activations.sources import RowFileSource
+
+            rows = RowFileSource(open_cache(path)[1], rank=0, world_size=1)
+            acts_ND = rows.read_rows(rows.start, rows.stop).to(device)
+        else:
+            acts_ND = load_activations(path).to(device)
         n_eval = max(1, min(max_eval_rows, int(acts_ND.shape[0] * eval_fraction)))
         train_ND, eval_ND = acts_ND[:-n_eval], acts_ND[-n_eval:]
 
@@ -155,3 +163,34 @@ def resolve_data(spec: str, device: str = "cpu", eval_fraction: float = 0.1, max
         make_source=lambda seed: ModelStream(model, seed),
         eval_batch=lambda n, seed: sample_model(model, n, seed),
     )
+
+
+def lm_data_handle(model: str, dataset: str, layer: int | None = None, hook_module: str | None = None,
+                   context_size: int = 128, text_column: str = "text", model_batch_size: int = 8,
+                   buffer_size: int = 16384, device: str = "cpu") -> DataHandle:
+    """A hooked local LM on a corpus: training rows from its training documents, evaluation rows
+    from the held-out ones (see saelab.activations)."""
+    from saelab.activations import build_lm_source
+    from saelab.activations.hooked_lm import HookedLM
+    from saelab.training.run import RunConfig
+
+    def cfg(seed: int) -> RunConfig:
+        return RunConfig(model=model, layer=layer, hook_module=hook_module, dataset=dataset, text_column=text_column,
+                         context_size=context_size, model_batch_size=model_batch_size, buffer_size=buffer_size,
+                         device=device, seed=seed)
+
+    hooked = HookedLM.from_pretrained(model, layer=layer, hook_module=hook_module, device=device)
+
+    def eval_batch(n: int, seed: int) -> torch.Tensor:
+        held_out = build_lm_source(cfg(seed), hooked, split="eval")
+        rows, count = [], 0
+        for batch in held_out.contexts.iter_once(model_batch_size):
+            acts_ND = hooked.activations(batch.input_ids_BS, batch.attention_mask_BS).float()
+            rows.append(acts_ND)
+            count += acts_ND.shape[0]
+            if count >= n:
+                break
+        return torch.cat(rows)[:n]
+
+    return DataHandle(spec=f"{model}:{hooked.hook_module}", d_in=hooked.d_in, model=None,
+                      make_source=lambda seed: build_lm_source(cfg(seed), hooked), eval_batch=eval_batch)

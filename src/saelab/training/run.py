@@ -46,8 +46,27 @@ class RunConfig:
     checkpoint_every: int = 0
     dead_feature_window: int = 1000
     arch_options: dict[str, Any] = field(default_factory=dict)
+    # Real activations (saelab.activations); when any of model/cache/activations is set, `data` is ignored.
+    model: str | None = None  # local Hugging Face causal-LM folder
+    layer: int | None = None  # hook the output of this transformer block
+    hook_module: str | None = None  # ... or of this named module
+    dataset: str | None = None  # text file, folder, `datasets` save_to_disk folder or token file
+    text_column: str = "text"
+    context_size: int = 128
+    model_batch_size: int = 8  # contexts per LM forward pass
+    buffer_size: int = 16384  # rows in the shuffling buffer
+    model_dtype: str = "float32"
+    prefetch: bool = True  # LM forward passes in a background thread, overlapping the SAE step
+    cache: str | None = None  # train from an activation cache written by `saelab cache`
+    activations: list[str] = field(default_factory=list)  # or from .npy / .safetensors [N, d_in] files
 
     def __post_init__(self) -> None:
+        self.activations = [str(a) for a in self.activations]
+        if self.model:
+            require(self.layer is not None or self.hook_module is not None, "layer", self.layer,
+                    "--model needs --layer N or --hook-module NAME")
+        require(isinstance(self.context_size, int) and self.context_size >= 2, "context_size", self.context_size,
+                "must be an integer ≥ 2")
         self.arch = list(self.arch)
         self.l0 = [float(v) for v in self.l0]
         require(len(self.arch) > 0, "arch", self.arch, "name at least one architecture")
@@ -122,14 +141,26 @@ def run_training(
     if resume and not ckpt.exists():
         raise ConfigError("resume", str(run_dir), "has no checkpoint.pt to resume from")
     started = time.perf_counter()
+    from saelab.training import distributed as dist_utils
+
+    cfg = dataclasses.replace(cfg, device=dist_utils.init_from_env(cfg.device))  # a no-op outside torchrun
+    main_rank = dist_utils.is_main()
+    real = None
+    if source is None and model is None:
+        from saelab.activations import build_real_data, uses_real_data
+
+        if uses_real_data(cfg):
+            real = build_real_data(cfg)
+            source = real.source
     if model is None and source is None:
         model = load_data(cfg.data, device=cfg.device)
     if source is None:
         source = SyntheticSource(model, seed=cfg.seed, device=cfg.device)
     saes = build_run_saes(cfg, source.d_in)
-    run_dir.mkdir(parents=True, exist_ok=True)
     config_dict = dataclasses.asdict(cfg)
-    write_json_atomic(run_dir / "run.json", {**envelope(config_dict, cfg.device), "status": "running"})
+    if main_rank:  # under torchrun only rank 0 writes the run folder
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "run.json", {**envelope(config_dict, cfg.device), "status": "running"})
 
     eval_fn = None
     if model is not None and cfg.eval_every:
@@ -144,6 +175,11 @@ def run_training(
     if resume:
         trainer.load_checkpoint(ckpt)
     train_result = trainer.train()
+    if real is not None and hasattr(real.source, "close"):
+        real.source.close()  # the prefetch thread
+    if not main_rank:
+        return RunResult(run_dir=run_dir, results=[], wall_seconds=time.perf_counter() - started,
+                         samples_per_second=train_result.samples_per_second)
 
     results = []
     for name, arch, l0 in cfg.sae_names():
@@ -155,9 +191,11 @@ def run_training(
 
             gt = evaluate_sae_on_synthetic(inference, model, cfg.eval_samples, seed=cfg.seed + 12345)
             record.update(gt.to_dict())
+        elif real is not None:
+            record.update(real.evaluate(inference))
         record["train_stats"] = train_result.final_stats[name]
         record["samples_per_second"] = train_result.samples_per_second
-        save_sae(sae, run_dir / "saes" / name, metadata={"l0_target": l0, "data": cfg.data,
+        save_sae(sae, run_dir / "saes" / name, metadata={"l0_target": l0, "data": cfg.data if real is None else real.identity,
                                                           "l0": record.get("l0")})
         results.append(record)
         if on_result:

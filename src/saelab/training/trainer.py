@@ -21,6 +21,7 @@ import torch
 from saelab.errors import ConfigError, FileFormatError, TrainingDivergedError, require
 from saelab.io import atomic_path
 from saelab.saes.base import SAE, StepContext, get_sae_class
+from saelab.training import distributed as dist_utils
 from saelab.training.sources import ActivationSource
 
 LRSchedule = Literal["constant", "cosine"]
@@ -178,8 +179,13 @@ class Trainer:
         self.norms_estimated = False
         self.history: list[dict[str, Any]] = []
         self.states: dict[str, SAEState] = {}
+        # Under torchrun each rank draws its share of every global batch (see training/distributed.py).
+        self.distributed = dist_utils.is_distributed()
+        self.local_batch_size = dist_utils.split_batch(cfg.batch_size)
         for name, sae in saes.items():
             sae.to(self.device)
+            if self.distributed:
+                dist_utils.broadcast_parameters(sae)
             fused = self.device.type in ("cpu", "cuda")
             optimizer = torch.optim.Adam(
                 sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused
@@ -204,11 +210,11 @@ class Trainer:
         if not self.norms_estimated:
             self._estimate_input_norms()
         start_step, start_time = self.step, time.perf_counter()
-        bar = _ProgressBar(total, enabled=self.progress)
+        bar = _ProgressBar(total, enabled=self.progress and dist_utils.is_main())
         bar.start(self.step)
         try:
             while self.step < total:
-                x_BD = self.source.next_batch(cfg.batch_size).to(self.device, non_blocking=True)
+                x_BD = self.source.next_batch(self.local_batch_size).to(self.device, non_blocking=True)
                 for state in self.states.values():
                     self._train_step(state, x_BD)
                 self.step += 1
@@ -273,17 +279,20 @@ class Trainer:
             )
         state.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        if self.distributed:
+            dist_utils.average_gradients(sae.parameters())
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         state.optimizer.step()
         sae.after_step()
         with torch.no_grad():
-            fired = out.fired_L
+            fired = dist_utils.any_rank(out.fired_L) if self.distributed else out.fired_L
             state.steps_since_fired_L += 1
             state.steps_since_fired_L[fired] = 0
             state.fire_count_L += fired.long()
         if state.autotuner is not None:
-            state.autotuner.update(step, float(out.l0))
+            l0 = float(out.l0)
+            state.autotuner.update(step, dist_utils.mean_over_ranks(l0, self.device) if self.distributed else l0)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.total_steps:
             with torch.no_grad():
                 x_s = sae.scale_input(x_BD)
@@ -316,8 +325,11 @@ class Trainer:
             return
         norms = []
         for _ in range(self.cfg.n_batches_for_norm_estimate):
-            norms.append(self.source.next_batch(self.cfg.batch_size).float().norm(dim=1).mean())
-        scale = math.sqrt(self.source.d_in) / float(torch.stack(norms).mean())
+            norms.append(self.source.next_batch(self.local_batch_size).float().norm(dim=1).mean())
+        mean_norm = float(torch.stack(norms).mean())
+        if self.distributed:
+            mean_norm = dist_utils.mean_over_ranks(mean_norm, self.device)
+        scale = math.sqrt(self.source.d_in) / mean_norm
         for sae in wanting:
             sae.input_scale.fill_(scale)
 
@@ -329,6 +341,8 @@ class Trainer:
             "train_config": dataclasses.asdict(self.cfg),
             "norms_estimated": self.norms_estimated,
             "source": self.source.state_dict(),
+            # Every rank's stream position (each reads its own share of the data).
+            "sources": dist_utils.gather_objects(self.source.state_dict()) if self.distributed else None,
             "torch_rng": torch.get_rng_state(),
             "saes": {
                 name: {
@@ -345,8 +359,11 @@ class Trainer:
         }
 
     def save_checkpoint(self, path: str | Path) -> None:
+        state = self.checkpoint_state()  # collective under torchrun: every rank calls it
+        if not dist_utils.is_main():
+            return
         with atomic_path(path) as tmp:
-            torch.save(self.checkpoint_state(), tmp)
+            torch.save(state, tmp)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Continue exactly where the checkpoint left off. The SAEs' configs must match it."""
@@ -379,7 +396,14 @@ class Trainer:
             state.fire_count_L.copy_(saved["fire_count_L"])
             if state.autotuner is not None and saved["autotuner"] is not None:
                 state.autotuner.load_state_dict(saved["autotuner"])
-        self.source.load_state_dict(ckpt["source"])
+        sources = ckpt.get("sources")
+        if self.distributed or sources:
+            if not sources or len(sources) != dist_utils.world_size():
+                raise ConfigError("world_size", dist_utils.world_size(), f"differs from the checkpoint's "
+                                  f"{len(sources) if sources else 1} processes; resume with the same number")
+            self.source.load_state_dict(sources[dist_utils.rank()])
+        else:
+            self.source.load_state_dict(ckpt["source"])
         torch.set_rng_state(ckpt["torch_rng"])
         self.norms_estimated = ckpt["norms_estimated"]
         self.step = int(ckpt["step"])
