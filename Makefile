@@ -14,8 +14,10 @@ setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/saelab bench --protocol mini --arch matryoshka --seeds 1
+	$(VENV)/bin/saelab report "$${SAELAB_STORE:-runs/results.sqlite}" --out runs/report.html
 
 test: $(VENV)/.installed
+	scripts/ensure_chromium.sh
 	$(PY) -m pytest -q
 
 .PHONY: setup demo test

@@ -132,11 +132,12 @@ def test_unfinished_store_rows_are_reported_as_partial(report_store, tmp_path):
     assert 'id="partial"' in (tmp_path / "p.html").read_text()
 
 
-def _no_ground_truth_copy(run_dir: Path, dest: Path, data: str) -> Path:
-    """A run as one on real-model activations records it: no ground-truth scores, data that is not synthetic."""
+def _no_ground_truth_copy(run_dir: Path, dest: Path, **config) -> Path:
+    """A run as one on real-model activations records it: no ground-truth scores; the config names activation
+    files or a model (its `data` keeps the unused default)."""
     shutil.copytree(run_dir, dest)
     record = json.loads((dest / "run.json").read_text())
-    record["config"]["data"] = data
+    record["config"].update({"data": "synth-mini", **config})
     gt = {"f1", "precision", "recall", "accuracy", "mcc", "uniqueness", "true_l0"}
     record["results"] = [{k: v for k, v in r.items() if k not in gt} for r in record["results"]]
     (dest / "run.json").write_text(json.dumps(record))
@@ -144,13 +145,13 @@ def _no_ground_truth_copy(run_dir: Path, dest: Path, data: str) -> Path:
 
 
 def test_run_without_ground_truth_shows_only_what_needs_none(report_run_dir, report_model_dir, tmp_path):
-    import torch
+    import numpy as np
 
     from saelab.synthetic import load_source
 
-    acts = tmp_path / "acts.pt"
-    torch.save(load_source(str(report_model_dir)).sample(4096), acts)
-    real = _no_ground_truth_copy(report_run_dir, tmp_path / "real", str(acts))
+    acts = tmp_path / "acts.npy"
+    np.save(acts, load_source(str(report_model_dir)).sample(4096).numpy())
+    real = _no_ground_truth_copy(report_run_dir, tmp_path / "real", activations=[str(acts)])
     result = build_report(real, tmp_path / "real.html", eval_samples=EVAL_SAMPLES)
     assert set(result.shown) == {"l0-sweep", "training", "geometry", "provenance"}
     assert set(result.omitted) == set(GT_SECTIONS) and result.partial == []
@@ -161,11 +162,12 @@ def test_run_without_ground_truth_shows_only_what_needs_none(report_run_dir, rep
     geometry = section_html(text, "geometry")
     assert "s_n^dec" in geometry and "need input activations" not in geometry
 
-    # activations that cannot be rebuilt here (a model name): weights-only measures, and the reason for the rest
-    elsewhere = _no_ground_truth_copy(report_run_dir, tmp_path / "elsewhere", "gpt2:blocks.6.hook_resid_post")
-    result = build_report(elsewhere, tmp_path / "e.html", eval_samples=EVAL_SAMPLES)
+    # trained straight from a language model: not re-run here, so weights-only measures and the reason for the rest
+    lm = _no_ground_truth_copy(report_run_dir, tmp_path / "lm", model="/models/gpt2", layer=6)
+    result = build_report(lm, tmp_path / "lm.html", eval_samples=EVAL_SAMPLES)
     assert {"geometry", "training", "provenance"} <= set(result.shown)
-    assert "gpt2:blocks.6.hook_resid_post" in result.omitted["l0-sweep"]
+    assert "real-model activations (model /models/gpt2)" in result.omitted["l0-sweep"]
+    assert "does not re-run the model" in section_html((tmp_path / "lm.html").read_text(), "geometry")
 
 
 def _write_run_json(folder: Path, record) -> Path:

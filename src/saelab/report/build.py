@@ -81,9 +81,9 @@ class _Analysis:
         self.notes: list[str] = []
         self.handle: Any = None
         self.data_error: str | None = None
-        data = src.data
+        data, reason = src.data_and_reason()
         if data is None:
-            self.data_error = "the source does not name its data"
+            self.data_error = reason or "the source does not name its data"
         else:
             from saelab.diagnostics.data import resolve_data
 
@@ -119,6 +119,24 @@ class _Analysis:
         if self._x is None and self.handle is not None:
             self._x = self.handle.eval_batch(L0_EVAL_SAMPLES, self.seed + 7919)
         return self._x
+
+    def width_mismatch(self) -> str | None:
+        """Why the rebuilt data cannot feed the SAEs (its width differs from their d_in), or None."""
+        if self.handle is None:
+            return None
+        for e in self.on_disk():
+            sae = self.sae(e)
+            if sae is not None and int(sae.W_dec_LD.shape[1]) != int(self.handle.d_in):
+                return (f"the data {self.handle.spec!r} has width {self.handle.d_in} but SAE {e.name} has d_in "
+                        f"{int(sae.W_dec_LD.shape[1])}: they do not belong together")
+        return None
+
+    def x_or_reason(self) -> tuple[torch.Tensor | None, str | None]:
+        mismatch = self.width_mismatch()
+        if mismatch:
+            return None, mismatch
+        x = self.eval_x()
+        return x, (None if x is not None else self.data_error)
 
     def focus(self) -> list[SAEEntry]:
         """The best SAE (by F1) of each architecture, best first, at most max_saes (per-feature sections)."""
@@ -215,6 +233,8 @@ def _need_model(a: _Analysis, s: Section) -> bool:
         s.omitted = _no_gt_reason(a)
     elif a.model is None:
         s.omitted = a.data_error or "the data has no ground-truth model"
+    elif a.width_mismatch():
+        s.omitted = a.width_mismatch()
     elif not a.on_disk():
         reasons = sorted({e.missing_reason for e in a.src.entries if e.missing_reason})
         s.omitted = "no SAE weights on disk to re-evaluate" + (f" ({'; '.join(reasons)})" if reasons else "")
@@ -319,9 +339,9 @@ def _l0_sweep(a: _Analysis) -> Section:
         s.omitted = ("needs one architecture saved at two or more L0s; this source has "
                      + (f"L0 {', '.join(f'{v:g}' for v in l0s)} only" if l0s else "no SAE weights on disk"))
         return s
-    x = a.eval_x()
+    x, why = a.x_or_reason()
     if x is None:
-        s.omitted = f"s_n^dec needs input activations: {a.data_error}"
+        s.omitted = f"s_n^dec needs input activations: {why}"
         return s
     from saelab.diagnostics.l0 import L0Point, L0SweepResult, default_ns, plot_l0_sweep, recommend_l0, score_sae, synthetic_true_l0
 
@@ -378,7 +398,7 @@ def _geometry(a: _Analysis) -> Section:
                 "model.")
     entries = [e for e in a.on_disk()][: max(a.max_saes, 8)]
     rows, hist = [], []
-    x = a.eval_x()
+    x, why = a.x_or_reason()
     from saelab.diagnostics.projection import decoder_pairwise_abs_cos
     from saelab.diagnostics.report import default_n_for
 
@@ -411,7 +431,7 @@ def _geometry(a: _Analysis) -> Section:
                ("n", "num"), ("s_n^dec", "num"), ("decoder mean |cos|", "num"), ("median max |cos|", "num")]
     s.body.append(table(headers, rows))
     if x is None:
-        s.body.append(f'<p class="omit">s_n^dec and the measured L0 need input activations: {esc(a.data_error)}.</p>')
+        s.body.append(f'<p class="omit">s_n^dec and the measured L0 need input activations: {esc(why)}.</p>')
     s.body.append(Figure(figs.decoder_geometry_figure(hist), "decoder self-similarity histogram",
                          "A latent whose decoder row nearly repeats another's (|cos| near 1) is a duplicate.").html())
     return s

@@ -65,11 +65,36 @@ class ReportSource:
 
     @property
     def data(self) -> str | None:
+        return self.data_and_reason()[0]
+
+    def data_and_reason(self) -> tuple[str | None, str | None]:
+        """The data to re-evaluate on (None with the reason when it cannot be rebuilt)."""
         for e in self.entries:
             if e.data:
-                return e.data
+                return e.data, None
         cfg = self.envelope.get("config") or {}
-        return cfg.get("data") if isinstance(cfg, dict) else None
+        if isinstance(cfg, dict) and isinstance(cfg.get("run"), dict):  # a bench envelope
+            cfg = cfg["run"]
+        return data_of(cfg)
+
+
+def data_of(cfg: Any) -> tuple[str | None, str | None]:
+    """(data spec the report can rebuild, or None with the reason) from a run config.
+
+    Runs on real-model activations name a model, an activation cache or activation files; `data` then holds a
+    default that was never used. Activation files can be read back; a model or cache is not re-run here."""
+    if not isinstance(cfg, dict):
+        return None, "the run config is missing"
+    files = cfg.get("activations") or []
+    if isinstance(files, str):
+        files = [files]
+    if files:
+        return str(files[0]), None
+    if cfg.get("model") or cfg.get("cache"):
+        what = f"model {cfg['model']}" if cfg.get("model") else f"activation cache {cfg['cache']}"
+        return None, f"the run trained on real-model activations ({what}); the report does not re-run the model"
+    data = cfg.get("data")
+    return (str(data), None) if data else (None, "the run config does not name its data")
 
 
 def _parse_version(text: Any) -> tuple[int, ...] | None:
@@ -189,7 +214,7 @@ def load_run_folder(run_dir: Path) -> ReportSource:
         if folder is None and status == "complete":
             partial.append(f"SAE {name}: {reason}; its per-feature sections are omitted")
         entries.append(SAEEntry(name=name, arch=arch, l0_target=l0, seed=int(cfg.get("seed", 0) or 0),
-                                metrics=metrics, folder=folder, data=cfg.get("data"), run_dir=run_dir,
+                                metrics=metrics, folder=folder, data=data_of(cfg)[0], run_dir=run_dir,
                                 width=cfg.get("width"), missing_reason=reason))
     if status == "running" and not entries:
         partial.append("no SAE of this run was saved before it stopped")
@@ -267,7 +292,7 @@ def load_store(path: Path) -> ReportSource:
             folder = run_dir / "saes" / name
         entries.append(SAEEntry(name=name, arch=r["arch"], l0_target=float(r["l0_target"]), seed=int(r["seed"]),
                                 metrics={**metrics, "wall_seconds": r.get("wall_seconds"), "run_id": r["run_id"]},
-                                folder=folder, protocol=r["protocol"], data=run_cfg.get("data"), run_dir=run_dir,
+                                folder=folder, protocol=r["protocol"], data=data_of(run_cfg)[0], run_dir=run_dir,
                                 width=run_cfg.get("width"), missing_reason=reason))
     board = store.leaderboard(None, include_reference=True)
     best = max(entries, key=lambda e: (e.metrics.get("f1") or -1.0, e.folder is not None), default=None)
