@@ -167,7 +167,7 @@ def test_run_without_ground_truth_shows_only_what_needs_none(report_run_dir, rep
     result = build_report(lm, tmp_path / "lm.html", eval_samples=EVAL_SAMPLES)
     assert {"geometry", "training", "provenance"} <= set(result.shown)
     assert "real-model activations (model /models/gpt2)" in result.omitted["l0-sweep"]
-    assert "does not re-run the model" in section_html((tmp_path / "lm.html").read_text(), "geometry")
+    assert "model folder /models/gpt2 is not on this machine" in section_html((tmp_path / "lm.html").read_text(), "geometry")
 
 
 def _write_run_json(folder: Path, record) -> Path:

@@ -73,6 +73,25 @@ def _duration(seconds: Any) -> str:
     return (f"{h} h {m} min" if h else f"{m} min {sec:.0f} s") + f" ({s:,.0f} s)"
 
 
+def _lm_handle(cfg: dict[str, Any], device: str, reason: str | None) -> tuple[Any, str | None]:
+    """Held-out activations of a run trained straight from a local LM: the same model, layer and corpus."""
+    model, dataset = Path(str(cfg["model"])), cfg.get("dataset")
+    if not model.is_dir():
+        return None, f"{reason}: its model folder {model} is not on this machine"
+    if not dataset or not Path(str(dataset)).exists():
+        return None, f"{reason}: its dataset {dataset} is not on this machine"
+    from saelab.diagnostics.data import lm_data_handle
+
+    try:
+        return lm_data_handle(str(model), str(dataset), layer=cfg.get("layer"), hook_module=cfg.get("hook_module"),
+                              context_size=int(cfg.get("context_size") or 128),
+                              text_column=str(cfg.get("text_column") or "text"),
+                              model_batch_size=int(cfg.get("model_batch_size") or 8),
+                              buffer_size=int(cfg.get("buffer_size") or 16384), device=device), None
+    except (SaelabError, OSError, RuntimeError, ValueError, ImportError) as err:
+        return None, f"{reason}: cannot load it here: {err}"
+
+
 class _Analysis:
     """Loads the data and SAEs once and keeps what several sections share."""
 
@@ -82,7 +101,10 @@ class _Analysis:
         self.handle: Any = None
         self.data_error: str | None = None
         data, reason = src.data_and_reason()
-        if data is None:
+        cfg = src.run_config
+        if data is None and cfg.get("model"):
+            self.handle, self.data_error = _lm_handle(cfg, device, reason)
+        elif data is None:
             self.data_error = reason or "the source does not name its data"
         else:
             from saelab.diagnostics.data import resolve_data
@@ -397,6 +419,8 @@ def _geometry(a: _Analysis) -> Section:
                 "Weights-only and activation-only measures that work on any SAE, including ones trained on a real "
                 "model.")
     entries = [e for e in a.on_disk()][: max(a.max_saes, 8)]
+    # spliced-LM metrics, recorded by runs on a language model's activations
+    lm = [k for k in ("ce_loss_recovered", "kl_div") if any(_num(e.metrics.get(k)) is not None for e in entries)]
     rows, hist = [], []
     x, why = a.x_or_reason()
     from saelab.diagnostics.projection import decoder_pairwise_abs_cos
@@ -422,13 +446,16 @@ def _geometry(a: _Analysis) -> Section:
                      (_fmt(_num(e.metrics.get("explained_variance")), 4), _num(e.metrics.get("explained_variance"))),
                      (_fmt(e.metrics.get("dead_latents")), _num(e.metrics.get("dead_latents"))),
                      (_fmt(n), n), (_fmt(_num(s_dec), 4), _num(s_dec)), (_fmt(cos, 4), cos),
-                     (_fmt(float(mx.median()), 3), float(mx.median()))])
+                     (_fmt(float(mx.median()), 3), float(mx.median()))]
+                    + [(_fmt(_num(e.metrics.get(k)), 4), _num(e.metrics.get(k))) for k in lm])
     if not rows:
         reasons = sorted({e.missing_reason for e in a.src.entries if e.missing_reason})
         s.omitted = "no SAE weights on disk" + (f" ({'; '.join(reasons)})" if reasons else "")
         return s
     headers = [("SAE", "text"), ("L0 target", "num"), ("L0 measured", "num"), ("EV", "num"), ("dead", "num"),
                ("n", "num"), ("s_n^dec", "num"), ("decoder mean |cos|", "num"), ("median max |cos|", "num")]
+    if lm:
+        headers += [("CE loss recovered", "num"), ("KL div (nats/token)", "num")]
     s.body.append(table(headers, rows))
     if x is None:
         s.body.append(f'<p class="omit">s_n^dec and the measured L0 need input activations: {esc(why)}.</p>')

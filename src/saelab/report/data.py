@@ -67,15 +67,19 @@ class ReportSource:
     def data(self) -> str | None:
         return self.data_and_reason()[0]
 
+    @property
+    def run_config(self) -> dict[str, Any]:
+        cfg = self.envelope.get("config") or {}
+        if isinstance(cfg, dict) and isinstance(cfg.get("run"), dict):  # a bench envelope
+            cfg = cfg["run"]
+        return cfg if isinstance(cfg, dict) else {}
+
     def data_and_reason(self) -> tuple[str | None, str | None]:
         """The data to re-evaluate on (None with the reason when it cannot be rebuilt)."""
         for e in self.entries:
             if e.data:
                 return e.data, None
-        cfg = self.envelope.get("config") or {}
-        if isinstance(cfg, dict) and isinstance(cfg.get("run"), dict):  # a bench envelope
-            cfg = cfg["run"]
-        return data_of(cfg)
+        return data_of(self.run_config)
 
 
 def data_of(cfg: Any) -> tuple[str | None, str | None]:
@@ -90,9 +94,10 @@ def data_of(cfg: Any) -> tuple[str | None, str | None]:
         files = [files]
     if files:
         return str(files[0]), None
-    if cfg.get("model") or cfg.get("cache"):
-        what = f"model {cfg['model']}" if cfg.get("model") else f"activation cache {cfg['cache']}"
-        return None, f"the run trained on real-model activations ({what}); the report does not re-run the model"
+    if cfg.get("cache"):
+        return str(cfg["cache"]), None  # `resolve_data` reads a `saelab cache` folder
+    if cfg.get("model"):
+        return None, f"the run trained on real-model activations (model {cfg['model']})"
     data = cfg.get("data")
     return (str(data), None) if data else (None, "the run config does not name its data")
 
