@@ -155,7 +155,8 @@ def run_training(
     if model is None and source is None:
         model = load_data(cfg.data, device=cfg.device)
     if source is None:
-        source = SyntheticSource(model, seed=cfg.seed, device=cfg.device)
+        # Under torchrun every rank samples its own stream (rank 0's is the single-process one).
+        source = SyntheticSource(model, seed=cfg.seed + 1_000_003 * dist_utils.rank(), device=cfg.device)
     saes = build_run_saes(cfg, source.d_in)
     config_dict = dataclasses.asdict(cfg)
     if main_rank:  # under torchrun only rank 0 writes the run folder
