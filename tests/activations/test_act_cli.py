@@ -89,3 +89,12 @@ def test_l0_sweep_on_model_activations(tiny_gpt2, corpus_path, tmp_path, capsys)
     [summary] = last_json(out)
     assert summary["recommended_l0"] in (2, 3, 4)
     assert (tmp_path / "l0" / "l0_sweep.json").exists()
+
+
+def test_dataset_without_text_column_via_cli(tiny_gpt2, tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"body": ["the cat sat", "the old mill"]}).save_to_disk(str(tmp_path / "ds"))
+    code, out, err = run_cli(capsys, "train", "--model", tiny_gpt2, "--layer", "0", "--dataset", tmp_path / "ds",
+                             *SMALL, "--out", tmp_path / "run")
+    assert code == 2 and "text_column='text'" in err and "['body']" in err
+    assert not (tmp_path / "run").exists()
