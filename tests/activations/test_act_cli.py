@@ -98,3 +98,22 @@ def test_dataset_without_text_column_via_cli(tiny_gpt2, tmp_path, capsys):
                              *SMALL, "--out", tmp_path / "run")
     assert code == 2 and "text_column='text'" in err and "['body']" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_diagnose_a_run_trained_from_a_cache(tmp_path, capsys):
+    import torch
+
+    from saelab.activations.cache import write_cache
+    from saelab.training.sources import TensorSource
+
+    rows_ND = (torch.rand(3000, 48, generator=torch.Generator().manual_seed(0)) < 0.06).float() @ torch.randn(48, 16)
+    identity = {"model": "m", "model_fingerprint": "f", "layer": 0, "hook_module": "h.0", "d_in": 16}
+    write_cache(TensorSource(rows_ND), tmp_path / "cache", tokens=3000, identity=identity, shard_tokens=1000)
+    code, out, err = run_cli(capsys, "train", "--cache", tmp_path / "cache", "--arch", "topk", "--l0", "3",
+                             "--width", "32", "--samples", "10k", "--batch-size", "250", "--lr", "3e-3",
+                             "--eval-samples", "300", "--out", tmp_path / "run", "--json")
+    assert code in (0, None), err
+    code, out, err = run_cli(capsys, "diagnose", tmp_path / "run", "--samples", "1000", "--json")
+    assert code in (0, None), err
+    [row] = last_json(out)
+    assert row["l0"] == pytest.approx(3.0, abs=0.5) and "no ground truth" in " ".join(row["warnings"])

@@ -158,9 +158,16 @@ def _run_data(run: Path) -> str | None:
     for candidate in (run / "run.json", run.parent.parent / "run.json"):
         if candidate.exists():
             try:
-                return json.loads(candidate.read_text()).get("config", {}).get("data")
+                config = json.loads(candidate.read_text()).get("config", {})
             except json.JSONDecodeError as err:
                 raise FileFormatError(f"{candidate} is not valid JSON: {err}") from None
+            # Runs on real activations: their cache or first array file; a live LM has no file to re-read.
+            if config.get("cache") or config.get("activations"):
+                return config.get("cache") or config["activations"][0]
+            if config.get("model"):
+                raise ConfigError("data", None, f"{run} was trained on a live LM; pass --data with an activation "
+                                  "file or a `saelab cache` folder of the same layer")
+            return config.get("data")
     return None
 
 
