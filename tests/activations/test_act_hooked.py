@@ -81,3 +81,11 @@ def test_model_folder_must_exist_locally(tmp_path):
     with pytest.raises(ConfigError) as err:
         HookedLM.from_pretrained("gpt2", layer=0)  # a hub name: never downloaded
     assert err.value.field == "model" and "local model folder" in str(err.value)
+
+
+def test_bfloat16_model_loads_in_bfloat16_and_matches_float32(tiny_gpt2):
+    ids = torch.tensor([[1, 8, 9, 10, 11, 12]])
+    fp32 = HookedLM.from_pretrained(tiny_gpt2, layer=1).activations(ids, torch.ones_like(ids))
+    bf16 = HookedLM.from_pretrained(tiny_gpt2, layer=1, dtype="bfloat16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.activations(ids, torch.ones_like(ids)).float(), fp32, rtol=0.05, atol=0.05)

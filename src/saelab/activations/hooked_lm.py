@@ -60,7 +60,12 @@ def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", dtype: 
         pass
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=torch_dtype)
+        import transformers
+
+        # `dtype=` replaced `torch_dtype=` in transformers 4.56; older versions would silently ignore it.
+        major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
+        key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, **{key: torch_dtype})
     except Exception as err:
         raise FileFormatError(f"cannot load a causal LM and tokenizer from {p}: {err}") from None
     model.to(device).eval()
