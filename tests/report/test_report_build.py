@@ -257,3 +257,14 @@ def test_cli(report_run_dir, tmp_path, capsys, monkeypatch):
     assert code == 2 and "does not exist" in err
     code, _, err = run_cli(capsys, "report", str(report_run_dir), "--out", str(out), "--eval-samples", "lots")
     assert code == 2 and "eval_samples='lots'" in err
+
+
+def test_corrupt_sae_folder_is_reported_not_fatal(report_run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(report_run_dir, run)
+    weights = run / "saes" / "matryoshka-l0_4" / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated, as a full disk leaves it
+    result = build_report(run, tmp_path / "c.html", eval_samples=EVAL_SAMPLES)
+    assert any("matryoshka-l0_4 could not be loaded" in p and "truncated or corrupt" in p for p in result.partial)
+    assert result.shown == list(SECTION_IDS)  # the other five SAEs carry every section
+    assert 'id="partial"' in (tmp_path / "c.html").read_text()

@@ -113,9 +113,9 @@ class _Analysis:
                 self.handle = resolve_data(str(data), device=device)
             except (SaelabError, OSError, RuntimeError, ValueError) as err:
                 self.data_error = f"cannot rebuild the data {data!r}: {err}"
-        self._saes: dict[str, Any] = {}
+        self._saes: dict[int, Any] = {}
         self._x: torch.Tensor | None = None
-        self.diags: dict[str, tuple[dict[str, Any], Any]] = {}
+        self.diags: dict[int, tuple[dict[str, Any], Any]] = {}
 
     @property
     def model(self) -> Any:
@@ -125,16 +125,20 @@ class _Analysis:
         return [e for e in self.src.entries if e.folder is not None]
 
     def sae(self, entry: SAEEntry) -> Any | None:
-        if entry.name + str(entry.folder) in self._saes:
-            return self._saes[entry.name + str(entry.folder)]
-        from saelab.saes.saelens_format import load_sae
+        """The entry's SAE, loaded once; None (and the source marked partial) when its folder is unreadable."""
+        key = id(entry)
+        if key in self._saes:
+            return self._saes[key]
+        sae = None
+        if entry.folder is not None:
+            from saelab.saes.saelens_format import load_sae
 
-        try:
-            sae = load_sae(entry.folder, device=self.device)
-        except SaelabError as err:
-            self.src.partial.append(f"SAE {entry.name} could not be loaded: {err}")
-            entry.missing_reason, entry.folder, sae = str(err), None, None
-        self._saes[entry.name + str(entry.folder)] = sae
+            try:
+                sae = load_sae(entry.folder, device=self.device)
+            except SaelabError as err:
+                self.src.partial.append(f"SAE {entry.name} could not be loaded: {err}")
+                entry.missing_reason, entry.folder = str(err), None
+        self._saes[key] = sae
         return sae
 
     def eval_x(self) -> torch.Tensor | None:
@@ -168,7 +172,7 @@ class _Analysis:
         return list(best.values())[: self.max_saes]
 
     def diagnose(self, entry: SAEEntry) -> tuple[dict[str, Any], Any] | None:
-        key = entry.name + str(entry.folder)
+        key = id(entry)
         if key not in self.diags:
             from saelab.diagnostics.report import diagnose_sae
 

@@ -107,7 +107,8 @@ def recall_frequency_figure(panels: Sequence[tuple[str, Any, torch.Tensor | None
     n = len(panels)
     cols = min(n, 2)
     rows = math.ceil(n / cols)
-    fig = _figure(5.6 * cols + (0.0 if cols > 1 else 1.6), 4.2 * rows + 0.4)
+    # legend in a column of its own on the right, so neither it nor the title is ever clipped
+    fig = _figure(11.5 if cols > 1 else 8.5, 4.2 * rows + 0.5)
     axes = fig.subplots(rows, cols, squeeze=False)
     legend_items: dict[str, Any] = {}
     for ax, (title, diag, level_F) in zip(axes.flat, panels):
@@ -141,10 +142,11 @@ def recall_frequency_figure(panels: Sequence[tuple[str, Any, torch.Tensor | None
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     order = sorted(legend_items, key=lambda s: (s == "binned mean", s == "not in a hierarchy", s))
-    fig.legend([legend_items[k] for k in order], order, loc="lower center", ncol=min(6, len(order)), frameon=False,
-               markerscale=2.0)
-    fig.suptitle("Recall of each true feature against how often it fires, coloured by depth in the hierarchy")
-    fig.tight_layout(rect=(0, 0.07 if rows == 1 else 0.04, 1, 1))
+    right = 0.84 if cols > 1 else 0.75
+    fig.legend([legend_items[k] for k in order], order, loc="center left", bbox_to_anchor=(right, 0.5),
+               frameon=False, markerscale=2.0, title="true feature")
+    fig.suptitle("Recall per true feature vs firing frequency (colour: depth in the hierarchy)")
+    fig.tight_layout(rect=(0, 0, right, 1))
     return to_png(fig)
 
 
