@@ -12,7 +12,7 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -540,7 +540,3 @@ def build_report(source: str | Path, out: str | Path, *, eval_samples: int = 50_
     write_text_atomic(out, text)
     images = text.count("<img ")
     return ReportResult(path=out, source=src, sections=sections, partial=list(src.partial), images=images, notes=notes)
-
-
-def section_ids() -> Sequence[str]:
-    return SECTION_IDS

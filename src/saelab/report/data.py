@@ -300,12 +300,9 @@ def load_store(path: Path) -> ReportSource:
                                 folder=folder, protocol=r["protocol"], data=data_of(run_cfg)[0], run_dir=run_dir,
                                 width=run_cfg.get("width"), missing_reason=reason))
     board = store.leaderboard(None, include_reference=True)
+    # provenance and training curves come from the best run (the latest one when nothing completed)
     best = max(entries, key=lambda e: (e.metrics.get("f1") or -1.0, e.folder is not None), default=None)
-    source_run = best_run = None
-    if best is not None:
-        best_run = next(r for r in runs if r["run_id"] == best.metrics["run_id"])
-    else:
-        best_run = runs[-1]
+    best_run = runs[-1] if best is None else next(r for r in runs if r["run_id"] == best.metrics["run_id"])
     envelope = {"config": best_run.get("config"), "saelab_version": best_run.get("saelab_version"),
                 "commit": best_run.get("commit"), "hardware": best_run.get("hardware"),
                 "time": best_run.get("started_at"), "config_hash": best_run.get("config_hash"),
@@ -314,8 +311,7 @@ def load_store(path: Path) -> ReportSource:
     history: list[dict[str, Any]] = []
     if best is not None and best.run_dir is not None and (best.run_dir / "run.json").exists():
         try:
-            source_run = read_run_json(best.run_dir)
-            history = [h for h in source_run.get("history", []) if isinstance(h, dict)]
+            history = [h for h in read_run_json(best.run_dir).get("history", []) if isinstance(h, dict)]
         except (FileFormatError, ConfigError):
             history = []
     started = sorted(r["started_at"] for r in runs if r.get("started_at"))
