@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sqlite3
@@ -59,6 +60,9 @@ def test_run_folder_report_has_every_section(report_run_dir, tmp_path):
     for value in (run["commit"], run["saelab_version"], run["config_hash"], "cpu_count", "wall time"):
         assert str(value) in prov
     assert "PARTIAL" not in text and 'id="partial"' not in text
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as any new file, not the private 0600 of a temp file
 
 
 def test_store_report_uses_the_best_runs_folder(report_store, tmp_path):

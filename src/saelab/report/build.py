@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -538,5 +539,9 @@ def build_report(source: str | Path, out: str | Path, *, eval_samples: int = 50_
               + ". Self-contained: every figure is embedded; the file needs no network.")
     text = page(title, subtitle, sections, src.partial, notes, footer)
     write_text_atomic(out, text)
+    # the temporary file behind the atomic write is private (0600); a report is meant to be opened and shared
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out, 0o666 & ~umask)
     images = text.count("<img ")
     return ReportResult(path=out, source=src, sections=sections, partial=list(src.partial), images=images, notes=notes)
