@@ -170,3 +170,19 @@ def test_sweep_api_without_out_dir_and_reload(sbw, tmp_path):
     assert back.recommended_l0 == res2.recommended_l0 and [p.s_dec for p in back.points] == [p.s_dec for p in res2.points]
     with pytest.raises(ConfigError, match="width"):
         run_l0_sweep(handle, [6], width=1, samples=1024)
+
+
+def test_undertraining_warnings_flag_dead_latents_and_rising_explained_variance():
+    from saelab.diagnostics.l0 import undertraining_warnings
+
+    records = [{"name": f"bt-{l0}", "l0_target": l0, "train_stats": {"dead_latents": dead}}
+               for l0, dead in ((5, 0), (10, 3), (15, 40))]
+    flat = [{"step": i, **{f"bt-{l0}/explained_variance": 0.9 for l0 in (5, 10, 15)}} for i in range(20)]
+    (warning,) = undertraining_warnings(records, flat, width=1000)
+    assert "L0 15: 40" in warning and "L0 10" not in warning  # 3 of 1000 is within the 1% limit
+    rising = [{"step": i, "bt-5/explained_variance": 0.5 + 0.02 * i, "bt-10/explained_variance": 0.9,
+               "bt-15/explained_variance": 0.9 + 0.0005 * i} for i in range(20)]
+    warnings = undertraining_warnings(records[:2], rising, width=1000)
+    assert len(warnings) == 1 and "L0 5: +0.190" in warnings[0] and "L0 10" not in warnings[0]
+    assert undertraining_warnings(records[:2], flat, width=1000) == []
+    assert undertraining_warnings(records[:2], rising[:5], width=1000) == []  # too short a history to judge

@@ -55,7 +55,7 @@ PROTOCOLS: dict[str, Protocol] = {
         name="mini",
         data="synth-mini",
         width=1024,
-        samples=3_000_000,
+        samples=6_000_000,
         batch_size=1024,
         lr=2e-3,
         lr_decay_fraction=1 / 3,
@@ -64,7 +64,7 @@ PROTOCOLS: dict[str, Protocol] = {
         seeds=3,
         eval_samples=200_000,
         dead_feature_window=100,
-        description="synth-mini, width 1024, 3M samples, lr 2e-3 with linear decay over the final third (2-core CPU).",
+        description="synth-mini, width 1024, 6M samples, batch 1024, lr 2e-3 with linear decay over the final third, AuxK dead window 100 steps (2-core CPU).",
     ),
 }
 

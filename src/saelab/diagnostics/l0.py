@@ -511,6 +511,8 @@ def run_l0_sweep(
             if on_point:
                 on_point(point)
         rec = recommend_l0(points, ns=use_ns or None, tolerance=tolerance, d_sae=width)
+        history = json.loads((run_dir / "run.json").read_text()).get("history", [])
+        rec.warnings += undertraining_warnings(result.results, history, width)
         true_l0 = first = None
         if handle.model is not None:
             true_l0, first = synthetic_true_l0(handle.model, width)
@@ -529,6 +531,45 @@ def run_l0_sweep(
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+DEAD_FRACTION_LIMIT = 0.01  # dead latents above this share of the width: still training
+EV_GAIN_LIMIT = 0.02  # explained variance still rising by more than this over the second half
+
+
+def undertraining_warnings(records: Sequence[dict[str, Any]], history: Sequence[dict[str, Any]],
+                           width: int) -> list[str]:
+    """Signs that a sweep's SAEs had not finished training (the rule is only as good as the SAEs).
+
+    Undertrained SAEs mislead the rule without any other symptom (sbw-toy at lr 3e-4 recommends 9
+    for a true L0 of 11), so two cheap checks run on every sweep: dead latents at the end of
+    training, and explained variance still rising between the middle and the end of the run."""
+    warnings = []
+    dead = {float(r["l0_target"]): int(r.get("train_stats", {}).get("dead_latents", 0)) for r in records}
+    many_dead = {l0: d for l0, d in sorted(dead.items()) if d > DEAD_FRACTION_LIMIT * width}
+    if many_dead:
+        listed = ", ".join(f"L0 {l0:g}: {d}" for l0, d in many_dead.items())
+        warnings.append(f"dead latents at the end of training ({listed}) exceed {DEAD_FRACTION_LIMIT:.0%} of the "
+                        f"width {width}: the SAEs look undertrained (more --samples, a higher --lr or a shorter "
+                        "--dead-feature-window); the recommendation may be wrong")
+    logged = [h for h in history if "eval" not in h]
+    if len(logged) >= 8:
+        rising = {}
+        for r in records:
+            key = f"{r['name']}/explained_variance"
+            ev = [h[key] for h in logged if key in h]
+            if len(ev) < 8:
+                continue
+            middle = ev[len(ev) * 2 // 5: len(ev) // 2 + 1]
+            end = ev[-max(1, len(ev) // 10):]
+            gain = sum(end) / len(end) - sum(middle) / len(middle)
+            if gain > EV_GAIN_LIMIT:
+                rising[float(r["l0_target"])] = gain
+        if rising:
+            listed = ", ".join(f"L0 {l0:g}: +{g:.3f}" for l0, g in sorted(rising.items()))
+            warnings.append(f"explained variance was still rising over the second half of training ({listed}): "
+                            "the SAEs look undertrained (more --samples); the recommendation may be wrong")
+    return warnings
 
 
 def synthetic_true_l0(model: Any, width: int, n_samples: int = 50_000) -> tuple[float, float]:
