@@ -259,11 +259,13 @@ from pathlib import Path
 from saelab.bench import ResultsStore
 path, writer, n, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
 store = ResultsStore(path)
+(go.parent / f"ready{writer}").touch()
 while not go.exists():  # start both writers at the same moment
     time.sleep(0.005)
 for seed in range(n):
     run_id = store.start_run("mini", f"writer{writer}", 10, seed, {"config": {"seed": seed}, "config_hash": "h"})
     store.finish_run(run_id, {"f1": seed / n, "mcc": writer}, wall_seconds=0.0)
+    time.sleep(0.002)  # yield the CPU: on a busy machine one writer could otherwise finish within one time slice
 """
 
 
@@ -272,7 +274,12 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(w), str(n), str(go)],
                               env={**os.environ, "PYTHONPATH": SRC}, stderr=subprocess.PIPE, text=True)
              for w in range(2)]
-    time.sleep(0.5)  # both have imported and are waiting (or, at worst, one starts slightly later)
+    # Start only once both have imported and opened the store: on a loaded machine imports alone can
+    # take seconds, and a writer that finished before the other started would prove nothing.
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{w}").exists() for w in range(2)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "writers did not start"
+        time.sleep(0.01)
     go.touch()
     for p in procs:
         _, err = p.communicate(timeout=120)

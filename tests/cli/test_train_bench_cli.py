@@ -1,46 +1,20 @@
 """End-to-end: `saelab train`, `eval`, `bench` (incl. a user architecture) and `results` on a tiny model."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from saelab.bench.protocols import PROTOCOLS, Protocol
 from saelab.cli import main
 from saelab.errors import ConfigError
-from saelab.synthetic import (
-    HierarchyConfig,
-    LinearMagnitudeConfig,
-    LowRankCorrelationConfig,
-    SyntheticModel,
-    SyntheticModelConfig,
-    ZipfianFiringProbabilityConfig,
-    save_synthetic_model,
-)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    cfg = SyntheticModelConfig(
-        num_features=96,
-        hidden_dim=24,
-        firing_probability=ZipfianFiringProbabilityConfig(exponent=0.5, max_prob=0.3, min_prob=0.01),
-        hierarchy=HierarchyConfig(total_root_nodes=4, branching_factor=3, max_depth=2, mutually_exclusive_portion=1.0,
-                                  compensate_probabilities=True, scale_children_by_parent=True),
-        orthogonalization=None,
-        correlation=LowRankCorrelationConfig(rank=4, correlation_scale=0.1),
-        mean_firing_magnitudes=LinearMagnitudeConfig(start=2.0, end=1.0),
-        std_firing_magnitudes=0.1,
-        bias=0.2,
-        seed=3,
-    )
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    save_synthetic_model(SyntheticModel(cfg), str(path))
-    return path
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_synthetic_model_dir) -> Path:
+    return tiny_synthetic_model_dir
 
 
 def run_cli(capsys, *args):

@@ -7,35 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from saelab.synthetic import (
-    HierarchyConfig,
-    LinearMagnitudeConfig,
-    LowRankCorrelationConfig,
-    SyntheticModel,
-    SyntheticModelConfig,
-    ZipfianFiringProbabilityConfig,
-    save_synthetic_model,
-)
 
 
 @pytest.fixture(scope="session")
-def report_model_dir(tmp_path_factory) -> Path:
-    cfg = SyntheticModelConfig(
-        num_features=96,
-        hidden_dim=24,
-        firing_probability=ZipfianFiringProbabilityConfig(exponent=0.5, max_prob=0.3, min_prob=0.01),
-        hierarchy=HierarchyConfig(total_root_nodes=4, branching_factor=3, max_depth=2, mutually_exclusive_portion=1.0,
-                                  compensate_probabilities=True, scale_children_by_parent=True),
-        orthogonalization=None,
-        correlation=LowRankCorrelationConfig(rank=4, correlation_scale=0.1),
-        mean_firing_magnitudes=LinearMagnitudeConfig(start=2.0, end=1.0),
-        std_firing_magnitudes=0.1,
-        bias=0.2,
-        seed=3,
-    )
-    path = tmp_path_factory.mktemp("report-model") / "tiny"
-    save_synthetic_model(SyntheticModel(cfg), str(path))
-    return path
+def report_model_dir(tiny_synthetic_model_dir) -> Path:
+    return tiny_synthetic_model_dir
 
 
 @pytest.fixture(scope="session")

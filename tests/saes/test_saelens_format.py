@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from saelab.errors import FileFormatError
-from saelab.saes import StepContext
 from saelab.saes.saelens_format import load_sae, save_sae
 from saelab.training.trainer import build_sae
 

@@ -8,7 +8,6 @@ from saelab.synthetic import (
     LinearMagnitudeConfig,
     LowRankCorrelationConfig,
     OrthogonalizationConfig,
-    SyntheticModel,
     SyntheticModelConfig,
     ZipfianFiringProbabilityConfig,
 )

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from saelab.cli import app
-from saelab.cli.common import METRIC_COLUMNS, console, out, parse_count, parse_l0_values, print_json, results_table
+from saelab.cli.common import METRIC_COLUMNS, out, parse_count, parse_l0_values, print_json, results_table
 from saelab.errors import ConfigError
 
 JSON_KEYS = ["f1", "precision", "recall", "mcc", "uniqueness", "explained_variance", "l0", "dead_latents",

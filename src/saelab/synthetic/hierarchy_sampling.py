@@ -208,7 +208,6 @@ class HierarchySampler:
     def apply_dense(self, acts_BF: torch.Tensor, eps_BR: torch.Tensor | None, batch_key: int) -> torch.Tensor:
         """SAELens's dense algorithm on a B×F tensor of free-feature activations (reference path)."""
         h = self.h
-        F = h.num_features
         acts = acts_BF.clone()
         B = acts.shape[0]
         device = acts.device
