@@ -533,42 +533,47 @@ def run_l0_sweep(
             tmp.cleanup()
 
 
-DEAD_FRACTION_LIMIT = 0.01  # dead latents above this share of the width: still training
-EV_GAIN_LIMIT = 0.02  # explained variance still rising by more than this over the second half
+DEAD_FRACTION_LIMIT = 0.01  # an SAE with more dead latents than this share of the width is suspect
+EV_GAIN_LIMIT = 0.02  # the sweep's median rise in explained variance over the second half of training
 
 
 def undertraining_warnings(records: Sequence[dict[str, Any]], history: Sequence[dict[str, Any]],
                            width: int) -> list[str]:
     """Signs that a sweep's SAEs had not finished training (the rule is only as good as the SAEs).
 
-    Undertrained SAEs mislead the rule without any other symptom (sbw-toy at lr 3e-4 recommends 9
-    for a true L0 of 11), so two cheap checks run on every sweep: dead latents at the end of
-    training, and explained variance still rising between the middle and the end of the run."""
+    Undertrained SAEs mislead the rule without any other symptom, so two checks run on every sweep,
+    each judged over the whole sweep because single low-L0 SAEs keep improving longest even in a
+    good sweep: (1) at least a quarter of the SAEs (and 2) end with more than 1% of latents dead;
+    (2) the median SAE's explained variance rose by more than 0.02 between the middle and the end of
+    training. Calibrated on sbw-toy, BatchTopK L0 5..25, 2M samples: at lr 3e-4 (recommends 9 for a
+    true L0 of 11) 8 of 21 SAEs have dead latents and the median rise is 0.09; at lr 3e-3 (recommends
+    12) 2 of 21 and 0.02 or less."""
     warnings = []
     dead = {float(r["l0_target"]): int(r.get("train_stats", {}).get("dead_latents", 0)) for r in records}
     many_dead = {l0: d for l0, d in sorted(dead.items()) if d > DEAD_FRACTION_LIMIT * width}
-    if many_dead:
+    if many_dead and len(many_dead) >= max(2, math.ceil(len(records) / 4)):
         listed = ", ".join(f"L0 {l0:g}: {d}" for l0, d in many_dead.items())
-        warnings.append(f"dead latents at the end of training ({listed}) exceed {DEAD_FRACTION_LIMIT:.0%} of the "
-                        f"width {width}: the SAEs look undertrained (more --samples, a higher --lr or a shorter "
-                        "--dead-feature-window); the recommendation may be wrong")
+        warnings.append(f"{len(many_dead)} of {len(records)} SAEs end with more than {DEAD_FRACTION_LIMIT:.0%} of "
+                        f"their {width} latents dead ({listed}): the SAEs look undertrained (more --samples, a "
+                        "higher --lr or a shorter --dead-feature-window); the recommendation may be wrong")
     logged = [h for h in history if "eval" not in h]
-    if len(logged) >= 8:
-        rising = {}
-        for r in records:
-            key = f"{r['name']}/explained_variance"
-            ev = [h[key] for h in logged if key in h]
-            if len(ev) < 8:
-                continue
-            middle = ev[len(ev) * 2 // 5: len(ev) // 2 + 1]
-            end = ev[-max(1, len(ev) // 10):]
-            gain = sum(end) / len(end) - sum(middle) / len(middle)
-            if gain > EV_GAIN_LIMIT:
-                rising[float(r["l0_target"])] = gain
-        if rising:
-            listed = ", ".join(f"L0 {l0:g}: +{g:.3f}" for l0, g in sorted(rising.items()))
-            warnings.append(f"explained variance was still rising over the second half of training ({listed}): "
-                            "the SAEs look undertrained (more --samples); the recommendation may be wrong")
+    gains = {}
+    for r in records:
+        key = f"{r['name']}/explained_variance"
+        ev = [h[key] for h in logged if key in h]
+        if len(ev) < 8:
+            continue
+        middle = ev[len(ev) * 2 // 5: len(ev) // 2 + 1]
+        end = ev[-max(1, len(ev) // 10):]
+        gains[float(r["l0_target"])] = sum(end) / len(end) - sum(middle) / len(middle)
+    if gains:
+        median = sorted(gains.values())[len(gains) // 2]
+        if median > EV_GAIN_LIMIT:
+            top = sorted(gains.items(), key=lambda kv: -kv[1])[:5]
+            listed = ", ".join(f"L0 {l0:g}: +{g:.3f}" for l0, g in top)
+            warnings.append(f"explained variance was still rising over the second half of training (median "
+                            f"+{median:.3f}; largest {listed}): the SAEs look undertrained (more --samples); "
+                            "the recommendation may be wrong")
     return warnings
 
 
