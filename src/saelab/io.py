@@ -36,3 +36,13 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def save_figure_atomic(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> Path:
+    """Write a matplotlib figure as PNG atomically, then close it (figures hold memory until closed)."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return Path(path)

@@ -339,7 +339,7 @@ def plot_hierarchy_diagnostics(diag: HierarchyDiagnostics, path: str | Path, tit
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from saelab.io import atomic_path
+    from saelab.io import save_figure_atomic
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     ps = diag.parent_stats
@@ -389,8 +389,4 @@ def plot_hierarchy_diagnostics(diag: HierarchyDiagnostics, path: str | Path, tit
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure_atomic(fig, path)

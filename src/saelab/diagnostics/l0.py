@@ -607,7 +607,7 @@ def plot_l0_sweep(sweep: L0SweepResult, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from saelab.io import atomic_path
+    from saelab.io import save_figure_atomic
 
     rec = sweep.recommendation
     l0s = [p.l0_target for p in sweep.points]
@@ -652,11 +652,7 @@ def plot_l0_sweep(sweep: L0SweepResult, path: str | Path) -> Path:
         axes[2].legend(fontsize=7)
     fig.suptitle(f"L0 sweep: {sweep.arch} width {sweep.width} on {sweep.data}")
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure_atomic(fig, path)
 
 
 # ----------------------------------------------------------------------------------------- mechanism

@@ -251,7 +251,7 @@ def plot_superposition(report: SuperpositionReport, path: str, extra_dims: tuple
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from saelab.io import atomic_path
+    from saelab.io import save_figure_atomic
 
     d = report.d
     top = max(13.0, math.log10(report.n) + 1)
@@ -277,7 +277,4 @@ def plot_superposition(report: SuperpositionReport, path: str, extra_dims: tuple
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return str(path)
+    return str(save_figure_atomic(fig, path))
