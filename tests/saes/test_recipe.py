@@ -468,3 +468,51 @@ def test_recipe_brings_its_own_lr_decay_to_the_trainer():
     assert lrs["full"][:7] == [1e-3] * 7 and lrs["full"][-1] == pytest.approx(1e-3 / 3, rel=1e-6)
     with pytest.raises(ConfigError, match="lr_decay_fraction"):
         RecipeSAEConfig(d_in=4, d_sae=8, k=2, matryoshka_widths=[4, 8], lr_decay_fraction=1.5)
+
+
+@pytest.mark.parametrize("arch", ["matryoshka", "recipe"])
+def test_inner_loss_multipliers_scale_each_inner_level_only(arch):
+    """Multipliers (innermost first) scale each inner prefix MSE; the full-width MSE is unchanged."""
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    outs = {}
+    for multipliers in (None, [0.25, 3.0]):
+        torch.manual_seed(0)
+        cls = get_sae_class(arch)
+        sae = cls(cls.config_class(d_in=12, d_sae=48, k=5, matryoshka_widths=[4, 16], aux_loss_coefficient=0.0,
+                                   dtype="float64", inner_loss_multipliers=multipliers))
+        outs[str(multipliers)] = sae.train_forward(x, CTX).losses
+    plain, weighted = outs["None"], outs["[0.25, 3.0]"]
+    torch.testing.assert_close(weighted["mse"], plain["mse"])
+    torch.testing.assert_close(weighted["mse_4"], 0.25 * plain["mse_4"])
+    torch.testing.assert_close(weighted["mse_16"], 3.0 * plain["mse_16"])
+
+
+@pytest.mark.parametrize("bad", [[1.0], [1.0, -1.0], [1.0, float("nan")], "2"])
+def test_inner_loss_multipliers_validated(bad):
+    with pytest.raises(ConfigError, match="inner_loss_multipliers"):
+        RecipeSAEConfig(d_in=12, d_sae=48, k=5, matryoshka_widths=[4, 16], inner_loss_multipliers=bad).validate()
+
+
+@pytest.mark.parametrize("loo_in_training", [False, True])
+def test_leave_one_out_in_training_prunes_the_step_codes(loo_in_training):
+    """The redundant-latent toy above, trained on: with loo_in_training the step decodes from the
+    pruned codes (L0 2, exact reconstruction); without, from all three BatchTopK selections."""
+    cfg = dict(d_in=2, d_sae=3, k=3, matryoshka_widths=[1], ista_steps=0, dtype="float64", tilt=0.0,
+               aux_loss_coefficient=0.0, loo_in_training=loo_in_training)
+    sae = RecipeSAE(RecipeSAEConfig(**cfg))
+    s = 1 / math.sqrt(2)
+    with torch.no_grad():
+        sae.W_dec_LD.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [s, s]]))
+        sae.W_enc_DL.copy_(torch.tensor([[1.0, 0.0, 0.25], [0.0, 1.0, 0.25]]))
+        sae.b_dec_D.zero_()
+        sae.b_enc_L.zero_()
+        sae.ista_thresholds.fill_(0.1)
+    out = sae.train_forward(torch.tensor([[1.0, 1.0]], dtype=torch.float64), CTX)
+    if loo_in_training:
+        assert float(out.l0) == 2.0
+        torch.testing.assert_close(out.losses["mse"], torch.tensor(0.0, dtype=torch.float64))
+        out.loss.backward()  # gradients flow through the kept codes
+        assert sae.W_enc_DL.grad is not None
+    else:
+        assert float(out.l0) == 3.0
+        torch.testing.assert_close(out.losses["mse"], torch.tensor(0.25, dtype=torch.float64))

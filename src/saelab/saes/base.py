@@ -122,6 +122,64 @@ class SparseActs:
         return fired
 
 
+class _GatherPreActs(torch.autograd.Function):
+    """Values of h = (x_s − b_dec) W_enc + b_enc at chosen entries; backward visits only those.
+
+    The input itself needs no gradient, so b_dec's gradient is −W_enc · Σ_N g (a D×L mat-vec)."""
+
+    @staticmethod
+    def forward(ctx, x_tilde_BD, b_dec_D, W_enc_DL, b_enc_L, hidden_pre_BL, batch_idx_N, latent_idx_N):
+        ctx.save_for_backward(x_tilde_BD, W_enc_DL, batch_idx_N, latent_idx_N)
+        ctx.d_sae = hidden_pre_BL.shape[1]
+        ctx.has_b_dec = b_dec_D is not None
+        return hidden_pre_BL[batch_idx_N, latent_idx_N]
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        x_tilde_BD, W_enc_DL, batch_idx_N, latent_idx_N = ctx.saved_tensors
+        grad_N = grad_N.to(x_tilde_BD.dtype)
+        grad_W = grad_b_dec = None
+        grad_b_L = torch.zeros(ctx.d_sae, dtype=grad_N.dtype, device=grad_N.device).index_add_(0, latent_idx_N, grad_N)
+        if ctx.needs_input_grad[2]:
+            # ∂W_enc[:, l] = Σ_{entries of latent l} g · x̃[b]: a fused gather-scale-sum grouped by latent.
+            order = torch.argsort(latent_idx_N)
+            counts_L = torch.bincount(latent_idx_N, minlength=ctx.d_sae)
+            grad_W_LD = F.embedding_bag(
+                batch_idx_N[order], x_tilde_BD, torch.cumsum(counts_L, 0) - counts_L,
+                mode="sum", per_sample_weights=grad_N[order],
+            )
+            grad_W = grad_W_LD.t()
+        if ctx.has_b_dec and ctx.needs_input_grad[1]:
+            grad_b_dec = -(W_enc_DL @ grad_b_L)
+        grad_b = grad_b_L if ctx.needs_input_grad[3] else None
+        return None, grad_b_dec, grad_W, grad_b, None, None, None
+
+
+def gather_pre_acts(
+    sae: SAE,
+    x_tilde_BD: torch.Tensor,
+    hidden_pre_BL: torch.Tensor,
+    batch_idx_N: torch.Tensor,
+    latent_idx_N: torch.Tensor,
+) -> torch.Tensor:
+    """h[batch_idx, latent_idx] with gradients to W_enc, b_enc and b_dec.
+
+    `x_tilde_BD` (s·x − b_dec) and `hidden_pre_BL` (x̃ W_enc + b_enc) were computed without grad."""
+    b_dec_D = sae.b_dec_D if sae.cfg.apply_b_dec_to_input else None
+    return _GatherPreActs.apply(
+        x_tilde_BD, b_dec_D, sae.W_enc_DL, sae.b_enc_L, hidden_pre_BL, batch_idx_N, latent_idx_N
+    )
+
+
+# Above this fraction of B·L entries, a sparse training path loses to dense matmuls.
+SPARSE_MAX_DENSITY = 1 / 8
+
+
+def per_sample_sum(values_N: torch.Tensor, batch_idx_N: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Σ of flat per-entry values within each sample, [B] (the sparse form of `.sum(dim=-1)`)."""
+    return values_N.new_zeros(batch_size).index_add(0, batch_idx_N, values_N)
+
+
 @dataclass
 class StepContext:
     """What the trainer tells an SAE about the current step."""

@@ -13,6 +13,12 @@ Sparsity losses (`jumprelu_sparsity_loss_mode`), all averaged over the batch and
 Optional Anthropic pre-activation loss ("pre_act"): Σ_i ReLU(θ_i − h_i)·‖W_dec,i‖ over latents the
 trainer reports dead only (SAELens's deliberate deviation, PR #541).
 
+Training takes a sparse path when few entries matter (the usual case at a benchmark L0): every
+entry with h ≤ θ − ε/2 has f = 0, zero gradient and zero step-loss gradient, so only the active
+entries and those inside the STE band enter the graph (`gather_pre_acts`, rows of W_dec), giving the
+dense path's loss and gradients at a fraction of its matmuls. The pre-activation loss touches every
+entry of dead latents, so with it the dense path is used.
+
 θ is parameterised directly (not as exp(log θ): Adam's ~lr steps barely move a log-threshold) and
 kept in float32 whatever the SAE dtype (lr-sized steps on an O(1) threshold round away in bf16).
 """
@@ -27,7 +33,18 @@ import torch
 from torch import nn
 
 from saelab.errors import require
-from saelab.saes.base import SAE, SAEConfig, StepContext, StepOutput, mse_per_sample, register_sae
+from saelab.saes.base import (
+    SAE,
+    SPARSE_MAX_DENSITY,
+    SAEConfig,
+    SparseActs,
+    StepContext,
+    StepOutput,
+    gather_pre_acts,
+    mse_per_sample,
+    per_sample_sum,
+    register_sae,
+)
 from saelab.saes.standard import require_non_negative, require_steps, validate_autotune_fields
 
 SparsityLossMode = Literal["step", "tanh", "quadratic"]
@@ -237,25 +254,27 @@ class JumpReLUSAE(SAE):
         coefficients: dict[str, float],
         dead_mask_L: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
         threshold_L = self.threshold_L.to(hidden_pre_BL.dtype)
         W_dec_norm_L = self.W_dec_LD.norm(dim=1)
-        l0_coefficient = coefficients.get("l0", cfg.l0_coefficient)
-        mode = cfg.jumprelu_sparsity_loss_mode
-        if mode == "tanh":
-            per_sample_B = torch.tanh(cfg.jumprelu_tanh_scale * acts_BL * W_dec_norm_L).sum(dim=-1)
-        else:
-            l0_B = step(hidden_pre_BL, threshold_L, cfg.jumprelu_bandwidth, cfg.jumprelu_ste_to_input).sum(dim=-1)
-            if mode == "quadratic":
-                target = float(cfg.target_l0)  # validated non-None for this mode
-                per_sample_B = (2.0 / target) * (l0_B - target) ** 2
-            else:
-                per_sample_B = l0_B
-        losses = {"l0": l0_coefficient * per_sample_B.mean()}
-        if cfg.pre_act_loss_coefficient is not None:
-            coefficient = coefficients.get("pre_act", cfg.pre_act_loss_coefficient)
+        per_sample_B = self._sparsity_per_sample(hidden_pre_BL, acts_BL, threshold_L, W_dec_norm_L, lambda t: t.sum(dim=-1))
+        losses = {"l0": coefficients.get("l0", self.cfg.l0_coefficient) * per_sample_B.mean()}
+        if self.cfg.pre_act_loss_coefficient is not None:
+            coefficient = coefficients.get("pre_act", self.cfg.pre_act_loss_coefficient)
             losses["pre_act"] = self.pre_act_loss(hidden_pre_BL, threshold_L, W_dec_norm_L, dead_mask_L, coefficient)
         return losses
+
+    def _sparsity_per_sample(self, hidden_pre, acts, threshold, W_dec_norm, row_sum) -> torch.Tensor:
+        """The per-sample sparsity penalty (before λ). Works on [B, L] tensors with `row_sum` = sum over
+        latents, or on flat entries (threshold and norms gathered per entry) with a per-sample sum."""
+        cfg = self.cfg
+        mode = cfg.jumprelu_sparsity_loss_mode
+        if mode == "tanh":
+            return row_sum(torch.tanh(cfg.jumprelu_tanh_scale * acts * W_dec_norm))
+        l0_B = row_sum(step(hidden_pre, threshold, cfg.jumprelu_bandwidth, cfg.jumprelu_ste_to_input))
+        if mode == "quadratic":
+            target = float(cfg.target_l0)  # validated non-None for this mode
+            return (2.0 / target) * (l0_B - target) ** 2
+        return l0_B
 
     @staticmethod
     def pre_act_loss(
@@ -275,6 +294,16 @@ class JumpReLUSAE(SAE):
     def train_forward(self, x_BD: torch.Tensor, ctx: StepContext) -> StepOutput:
         self.clamp_threshold()  # also before the forward: a loaded or hand-set θ may be negative
         target_BD = self.scale_input(x_BD)
+        if self.cfg.pre_act_loss_coefficient is None:
+            with torch.no_grad():
+                x_tilde_BD = self.process_input(x_BD)
+                hidden_pre_BL = x_tilde_BD @ self.W_enc_DL + self.b_enc_L
+                threshold_L = self.threshold_L.to(hidden_pre_BL.dtype)
+                # Active, or inside the rectangle kernel's support |h − θ| < ε/2 (where θ gets gradient).
+                entries_BL = hidden_pre_BL > threshold_L - 0.5 * self.cfg.jumprelu_bandwidth
+                n_entries = int(entries_BL.sum())
+            if n_entries <= SPARSE_MAX_DENSITY * entries_BL.numel():
+                return self._train_forward_sparse(x_tilde_BD, hidden_pre_BL, entries_BL, target_BD, ctx)
         hidden_pre_BL = self.pre_acts(x_BD)
         threshold_L = self.threshold_L.to(hidden_pre_BL.dtype)
         acts_BL = jumprelu(hidden_pre_BL, threshold_L, self.cfg.jumprelu_bandwidth, self.cfg.jumprelu_ste_to_input)
@@ -290,6 +319,34 @@ class JumpReLUSAE(SAE):
             losses=losses,
             x_hat_BD=x_hat_BD,
             l0=l0,
+            fired_L=fired_L,
+        )
+
+    def _train_forward_sparse(self, x_tilde_BD, hidden_pre_BL, entries_BL, target_BD, ctx) -> StepOutput:
+        """The dense step's loss and gradients, from the active and in-band entries only."""
+        B = hidden_pre_BL.shape[0]
+        batch_idx, latent_idx = entries_BL.nonzero(as_tuple=True)  # sample-major, as SparseActs needs
+        h_N = gather_pre_acts(self, x_tilde_BD, hidden_pre_BL, batch_idx, latent_idx)
+        threshold_N = self.threshold_L.to(h_N.dtype)[latent_idx]
+        acts_N = jumprelu(h_N, threshold_N, self.cfg.jumprelu_bandwidth, self.cfg.jumprelu_ste_to_input)
+        x_hat_BD = self.reconstruct_sparse(SparseActs(batch_idx, latent_idx, acts_N, B, self.d_sae))
+        W_dec_norm_N = self.W_dec_LD.norm(dim=1)[latent_idx]
+        per_sample_B = self._sparsity_per_sample(
+            h_N, acts_N, threshold_N, W_dec_norm_N, lambda t: per_sample_sum(t, batch_idx, B)
+        )
+        losses = {
+            "mse": mse_per_sample(x_hat_BD, target_BD).mean(),
+            "l0": ctx.coefficients.get("l0", self.cfg.l0_coefficient) * per_sample_B.mean(),
+        }
+        with torch.no_grad():
+            active_N = acts_N != 0
+            fired_L = torch.zeros(self.d_sae, dtype=torch.bool, device=h_N.device)
+            fired_L[latent_idx[active_N]] = True
+        return StepOutput(
+            loss=losses["mse"] + losses["l0"],
+            losses=losses,
+            x_hat_BD=x_hat_BD,
+            l0=active_N.sum().float() / max(B, 1),
             fired_L=fired_L,
         )
 

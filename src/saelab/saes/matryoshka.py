@@ -7,6 +7,7 @@ features in the early latents and counters absorption.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,9 @@ from saelab.saes.topk_family import BatchThresholdMixin, TopKFamilySAE, select_b
 class MatryoshkaSAEConfig(BatchTopKSAEConfig):
     matryoshka_widths: list[int] = field(default_factory=list)
     use_matryoshka_aux_loss: bool = True
+    # Weight of each inner prefix's MSE, innermost first (None = all 1). The full-width MSE keeps
+    # weight 1: under Adam only the ratios matter ("balanced Matryoshka", Feature Hedging §5).
+    inner_loss_multipliers: list[float] | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -30,6 +34,21 @@ class MatryoshkaSAEConfig(BatchTopKSAEConfig):
         require(widths[-1] <= self.d_sae, "matryoshka_widths", widths, f"must not exceed d_sae={self.d_sae}")
         # The outer level is always the full SAE.
         self.matryoshka_widths = widths if widths[-1] == self.d_sae else widths + [self.d_sae]
+        multipliers = self.inner_loss_multipliers
+        if multipliers is not None:
+            require(
+                isinstance(multipliers, (list, tuple))
+                and len(multipliers) == len(self.matryoshka_widths) - 1
+                and all(isinstance(m, (int, float)) and math.isfinite(m) and m >= 0 for m in multipliers),
+                "inner_loss_multipliers",
+                multipliers,
+                f"must be {len(self.matryoshka_widths) - 1} finite numbers ≥ 0, one per inner level "
+                f"of matryoshka_widths={self.matryoshka_widths}",
+            )
+            self.inner_loss_multipliers = [float(m) for m in multipliers]
+
+    def inner_multipliers(self) -> list[float]:
+        return self.inner_loss_multipliers or [1.0] * (len(self.matryoshka_widths) - 1)
 
 
 def default_matryoshka_widths(d_sae: int) -> list[int]:
@@ -73,7 +92,10 @@ class MatryoshkaSAE(BatchThresholdMixin, TopKFamilySAE):
         recons = self.prefix_reconstructions(acts, W_unit_LD)
         self._inner_recons = recons  # reused by the per-level aux loss of this step
         widths = self.cfg.matryoshka_widths
-        return {f"mse_{w}": mse_per_sample(r, x_s_BD).mean() for w, r in zip(widths[:-1], recons)}
+        return {
+            f"mse_{w}": m * mse_per_sample(r, x_s_BD).mean()
+            for w, r, m in zip(widths[:-1], recons, self.cfg.inner_multipliers())
+        }
 
     def aux_loss(self, x_s_BD, x_hat_BD, x_tilde_BD, hidden_pre_BL, scores_BL, W_unit_LD, ctx):
         if not self.cfg.use_matryoshka_aux_loss:

@@ -137,6 +137,7 @@ class RecipeSAEConfig(MatryoshkaSAEConfig):
     use_matryoshka: bool = True
     leave_one_out: bool = False
     loo_scale: float = 1.0
+    loo_in_training: bool = False  # also prune each training step's codes (the decoder learns from pruned codes)
     # The recipe's own LR schedule (linear decay to 0 over this final fraction); None = the trainer's.
     lr_decay_fraction: float | None = None
 
@@ -401,14 +402,18 @@ class RecipeSAE(MatryoshkaSAE):
         cfg = self.cfg
         trace = self.ista(x_BD, lambda scores_BL, t: self.select(scores_BL, ctx), grad=True)
         acts = trace.steps[-1]
-        self.observe_steps(trace.steps)
+        self.observe_steps(trace.steps)  # thresholds track the BatchTopK selections, as at inference
+        if cfg.loo_in_training:
+            keep = self.leave_one_out_mask(trace.x_s_BD.detach(), acts, trace.U_LD.detach())
+            acts = SparseActs(acts.batch_idx[keep], acts.latent_idx[keep], acts.values[keep],
+                              acts.batch_size, acts.d_sae)
         self.update_frequencies(acts)
         rank_L = self.level_order()
         x_s_BD = trace.x_s_BD
         x_hat_BD, inner = self.level_reconstructions(acts, trace.U_LD, rank_L)
         losses = {"mse": term_mean(mse_per_sample(x_hat_BD, x_s_BD), cfg.tilt)}
-        for width, recon_BD in zip(self.level_widths(), inner):
-            losses[f"mse_{width}"] = term_mean(mse_per_sample(recon_BD, x_s_BD), cfg.tilt)
+        for width, recon_BD, multiplier in zip(self.level_widths(), inner, cfg.inner_multipliers()):
+            losses[f"mse_{width}"] = multiplier * term_mean(mse_per_sample(recon_BD, x_s_BD), cfg.tilt)
         aux = self._recipe_aux_loss(trace, x_hat_BD, inner, rank_L, ctx)
         if aux is not None:
             losses["aux"] = aux
@@ -471,12 +476,17 @@ class RecipeSAE(MatryoshkaSAE):
         (= Bussmann's r·d_j + a_j‖d_j‖² for unit-norm d_j, the case with rescaled or folded decoders).
         One simultaneous pass: every score uses the same residual. (r Uᵀ is one dense B×D×L matmul,
         about twice as fast as gathering N rows of U on CPU.)"""
+        keep = self.leave_one_out_mask(x_s_BD, acts, U_LD)
+        return SparseActs(acts.batch_idx[keep], acts.latent_idx[keep], acts.values[keep], acts.batch_size, acts.d_sae)
+
+    @torch.no_grad()
+    def leave_one_out_mask(self, x_s_BD: torch.Tensor, acts: SparseActs, U_LD: torch.Tensor) -> torch.Tensor:
+        """Which entries of `acts` leave-one-out keeps (see `leave_one_out`), as a bool mask."""
         r_BD = x_s_BD - (acts.decode_rows(U_LD) + self.b_dec_D)
         proj_N = (r_BD @ U_LD.t())[acts.batch_idx, acts.latent_idx]
         sq_norm_N = U_LD.pow(2).sum(-1).clamp_min(1e-30)[acts.latent_idx]
         coef_N = acts.values + (proj_N / sq_norm_N).to(acts.values.dtype)
-        keep = coef_N > self.cfg.loo_scale * self.ista_thresholds[-1].to(acts.values.dtype)
-        return SparseActs(acts.batch_idx[keep], acts.latent_idx[keep], acts.values[keep], acts.batch_size, acts.d_sae)
+        return coef_N > self.cfg.loo_scale * self.ista_thresholds[-1].to(acts.values.dtype)
 
     # ----- conversion and folding -----------------------------------------------------------------
     def to_inference(self) -> SAE:

@@ -6,6 +6,11 @@
 The decoder is not constrained to unit norm; its row norms are multiplied into the penalty instead,
 so shrinking a decoder row cannot buy a smaller penalty. λ ("l1") can be driven by the trainer's L0
 autotuner when `target_l0` is set (SynthSAEBench's protocol starts it after a third of training).
+
+Training takes a sparse path whenever few pre-activations are positive (the usual case once the
+penalty bites): the encoder matmul runs without autograd and only the positive entries enter the
+graph (`gather_pre_acts`), decoded from just their rows of W_dec. Entries with h ≤ 0 have f = 0 and
+zero gradient everywhere, so this is the same loss and the same gradients as the dense path.
 """
 
 from __future__ import annotations
@@ -17,7 +22,18 @@ from typing import Any
 import torch
 
 from saelab.errors import require
-from saelab.saes.base import SAE, SAEConfig, StepContext, StepOutput, mse_per_sample, register_sae
+from saelab.saes.base import (
+    SAE,
+    SPARSE_MAX_DENSITY,
+    SAEConfig,
+    SparseActs,
+    StepContext,
+    StepOutput,
+    gather_pre_acts,
+    mse_per_sample,
+    per_sample_sum,
+    register_sae,
+)
 
 
 def validate_autotune_fields(cfg: Any) -> None:
@@ -102,10 +118,18 @@ class StandardSAE(SAE):
 
     def train_forward(self, x_BD: torch.Tensor, ctx: StepContext) -> StepOutput:
         target_BD = self.scale_input(x_BD)  # losses live in scaled units, as in SAELens
-        acts_BL = torch.relu(self.pre_acts(x_BD))
-        x_hat_BD = self.reconstruct(acts_BL)
         # Without a coefficient from the trainer (direct use), the configured final value applies.
         l1_coefficient = ctx.coefficients.get("l1", self.cfg.l1_coefficient)
+        if self.cfg.lp_norm == 1:
+            with torch.no_grad():
+                x_tilde_BD = self.process_input(x_BD)
+                hidden_pre_BL = x_tilde_BD @ self.W_enc_DL + self.b_enc_L
+                active_BL = hidden_pre_BL > 0
+                n_active = int(active_BL.sum())
+            if n_active <= SPARSE_MAX_DENSITY * active_BL.numel():
+                return self._train_forward_sparse(x_tilde_BD, hidden_pre_BL, active_BL, target_BD, l1_coefficient)
+        acts_BL = torch.relu(self.pre_acts(x_BD))
+        x_hat_BD = self.reconstruct(acts_BL)
         losses = {
             "mse": mse_per_sample(x_hat_BD, target_BD).mean(),
             "l1": self.sparsity_loss(acts_BL, l1_coefficient),
@@ -120,4 +144,25 @@ class StandardSAE(SAE):
             x_hat_BD=x_hat_BD,
             l0=l0,
             fired_L=fired_L,
+        )
+
+    def _train_forward_sparse(self, x_tilde_BD, hidden_pre_BL, active_BL, target_BD, l1_coefficient) -> StepOutput:
+        """The dense step's loss and gradients, computed on the positive pre-activations only (L1 case)."""
+        B = hidden_pre_BL.shape[0]
+        batch_idx, latent_idx = active_BL.nonzero(as_tuple=True)  # sample-major, as SparseActs needs
+        acts_N = gather_pre_acts(self, x_tilde_BD, hidden_pre_BL, batch_idx, latent_idx)  # all > 0: ReLU is identity
+        acts = SparseActs(batch_idx, latent_idx, acts_N, B, self.d_sae)
+        x_hat_BD = self.reconstruct_sparse(acts)
+        W_dec_norm_N = self.W_dec_LD.norm(dim=1)[latent_idx]
+        l1_B = per_sample_sum(acts_N * W_dec_norm_N, batch_idx, B)
+        losses = {
+            "mse": mse_per_sample(x_hat_BD, target_BD).mean(),
+            "l1": l1_coefficient * l1_B.mean(),
+        }
+        return StepOutput(
+            loss=losses["mse"] + losses["l1"],
+            losses=losses,
+            x_hat_BD=x_hat_BD,
+            l0=torch.tensor(batch_idx.numel() / max(B, 1)),
+            fired_L=active_BL.any(dim=0),
         )

@@ -1,0 +1,140 @@
+"""Benchmark: does a change to the recipe help? Variants × seeds, mean ± sd F1 and Δ against the recipe.
+
+    python benchmarks/bench_recipe_variants.py --variant ista2=ista_steps:2 \\
+        --variant learned_eta=learn_eta:true [--base recipe] [--samples 1.5M] [--seeds 3] [--jobs 3]
+
+Each `--variant NAME=key:value[,key:value...]` is the base architecture (default `recipe`) with those
+config overrides (values parsed as JSON, else kept as strings), registered as `BASE-NAME`. Every
+variant and the unchanged base are trained together on each seed's data stream (so they see the
+same samples) on the `mini` protocol, optionally at a smaller `--samples` budget; seeds run in
+parallel worker processes. Printed: per variant mean ± sd of F1, MCC and L0, and ΔF1 against the
+base with its standard error (paired by seed); results also go into the store (`--store`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
+    """'name=key:value,key:value' → (name, overrides); values are JSON when they parse as JSON."""
+    if "=" not in spec:
+        raise SystemExit(f"--variant {spec!r}: expected NAME=key:value[,key:value...]")
+    name, _, body = spec.partition("=")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, body.split(",")):
+        key, sep, raw = item.partition(":")
+        if not sep:
+            raise SystemExit(f"--variant {spec!r}: {item!r} is not key:value")
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw
+    return name, overrides
+
+
+def _register(base: str, variants: dict[str, dict[str, Any]]) -> list[str]:
+    from saelab.saes import get_sae_class, load_builtin_architectures
+    from saelab.saes.base import SAE_REGISTRY, register_variant
+
+    load_builtin_architectures()
+    base_cls = get_sae_class(base)
+    names = []
+    for name, overrides in variants.items():
+        full = f"{base}-{name}"
+        if full not in SAE_REGISTRY:
+            cls = register_variant(full, base_cls, overrides)
+            try:  # a dry run of the config, so a misspelt or invalid override fails before training
+                cls.config_for_l0(d_in=256, d_sae=1024, l0=12.0, total_steps=1000)
+            except TypeError as err:
+                raise SystemExit(f"--variant {name}: {err}") from None
+        names.append(full)
+    return names
+
+
+def _run_one_seed(base, variants, samples, seed, store_path, out_dir, threads):
+    import torch
+
+    from saelab.bench.protocols import get_protocol
+    from saelab.bench.runner import BenchRequest, run_seed
+    from saelab.bench.store import ResultsStore
+
+    torch.set_num_threads(threads)
+    names = _register(base, variants)
+    request = BenchRequest(protocol=get_protocol("mini"), archs=[base, *names], l0s=[12.0], seeds=[seed],
+                           samples=samples, out_dir=Path(out_dir))
+    store = ResultsStore(store_path) if store_path else None
+    return run_seed(request, seed, time.strftime("%Y%m%d-%H%M%S"), store=store, progress=False)
+
+
+def main() -> None:
+    from saelab.cli.common import parse_count
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", action="append", default=[], help="NAME=key:value[,key:value...]")
+    parser.add_argument("--base", default="recipe")
+    parser.add_argument("--samples", default=None, help="training samples (default: the mini protocol's)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=3)
+    parser.add_argument("--store", type=Path, default=Path("runs/variants.sqlite"))
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/variants"))
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args()
+    if not args.variant:
+        raise SystemExit("name at least one --variant")
+    variants = dict(parse_variant(v) for v in args.variant)
+    _register(args.base, variants)  # fail fast on unknown base / bad override names
+    samples = parse_count(args.samples) if args.samples else None
+
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    started = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_run_one_seed, args.base, variants, samples, seed, str(args.store), str(args.out_dir),
+                               threads) for seed in range(args.seeds)]
+        for future in cf.as_completed(futures):
+            records += future.result()
+    wall = time.perf_counter() - started
+
+    by_arch: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in records:
+        by_arch.setdefault(r["arch"], {})[r["seed"]] = r
+    base_f1 = {seed: r["f1"] for seed, r in by_arch[args.base].items()}
+    rows = []
+    print(f"{'arch':34s} {'F1':>15s} {'MCC':>15s} {'L0':>6s} {'ΔF1 vs base':>17s}")
+    for arch, per_seed in sorted(by_arch.items(), key=lambda kv: -statistics.fmean(r["f1"] for r in kv[1].values())):
+        f1 = [r["f1"] for r in per_seed.values()]
+        mcc = [r["mcc"] for r in per_seed.values()]
+        l0 = statistics.fmean(r["l0"] for r in per_seed.values())
+        diffs = [per_seed[s]["f1"] - base_f1[s] for s in per_seed if s in base_f1]
+        sd = statistics.stdev(f1) if len(f1) > 1 else 0.0
+        row = {"arch": arch, "f1_mean": statistics.fmean(f1), "f1_sd": sd, "mcc_mean": statistics.fmean(mcc),
+               "mcc_sd": statistics.stdev(mcc) if len(mcc) > 1 else 0.0, "l0_mean": l0, "n_seeds": len(f1)}
+        delta = ""
+        if arch != args.base and diffs:
+            row["delta_f1"] = statistics.fmean(diffs)
+            row["delta_f1_se"] = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+            delta = f"{row['delta_f1']:+.3f} ± {row['delta_f1_se']:.3f}"
+        rows.append(row)
+        print(f"{arch:34s} {row['f1_mean']:.3f} ± {sd:.3f}   {row['mcc_mean']:.3f} ± {row['mcc_sd']:.3f} "
+              f"{l0:6.1f} {delta:>17s}")
+    summary = {"base": args.base, "samples": samples, "seeds": args.seeds, "wall_seconds": wall,
+               "variants": variants, "rows": rows}
+    print(f"wall {wall / 60:.1f} min")
+    print(json.dumps(summary))
+    if args.json_out:
+        from saelab.io import write_json_atomic
+
+        write_json_atomic(args.json_out, summary)
+
+
+if __name__ == "__main__":
+    main()
