@@ -4,7 +4,8 @@
         --variant learned_eta=learn_eta:true [--base recipe] [--samples 1.5M] [--seeds 3] [--jobs 3]
 
 Each `--variant NAME=key:value[,key:value...]` is the base architecture (default `recipe`) with those
-config overrides (values parsed as JSON, else kept as strings), registered as `BASE-NAME`. Every
+config overrides (values parsed as JSON, else kept as strings), registered as `BASE-NAME`;
+`NAME@ARCH=...` derives it from ARCH instead, and `--also ARCH` adds a registered architecture as is. Every
 variant and the unchanged base are trained together on each seed's data stream (so they see the
 same samples) on the `mini` protocol, optionally at a smaller `--samples` budget; seeds run in
 parallel worker processes. Printed: per variant mean ± sd of F1, MCC and L0, and ΔF1 against the
@@ -24,13 +25,28 @@ from pathlib import Path
 from typing import Any
 
 
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets, so list values like [0.5,0.5] stay whole."""
+    parts, depth, current = [], 0, []
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
 def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
     """'name=key:value,key:value' → (name, overrides); values are JSON when they parse as JSON."""
     if "=" not in spec:
         raise SystemExit(f"--variant {spec!r}: expected NAME=key:value[,key:value...]")
     name, _, body = spec.partition("=")
     overrides: dict[str, Any] = {}
-    for item in filter(None, body.split(",")):
+    for item in filter(None, _split_top_level(body)):
         key, sep, raw = item.partition(":")
         if not sep:
             raise SystemExit(f"--variant {spec!r}: {item!r} is not key:value")
@@ -46,12 +62,13 @@ def _register(base: str, variants: dict[str, dict[str, Any]]) -> list[str]:
     from saelab.saes.base import SAE_REGISTRY, register_variant
 
     load_builtin_architectures()
-    base_cls = get_sae_class(base)
     names = []
-    for name, overrides in variants.items():
-        full = f"{base}-{name}"
+    for spec_name, overrides in variants.items():
+        name, _, arch = spec_name.partition("@")
+        arch = arch or base
+        full = f"{arch}-{name}"
         if full not in SAE_REGISTRY:
-            cls = register_variant(full, base_cls, overrides)
+            cls = register_variant(full, get_sae_class(arch), overrides)
             try:  # a dry run of the config, so a misspelt or invalid override fails before training
                 cls.config_for_l0(d_in=256, d_sae=1024, l0=12.0, total_steps=1000)
             except TypeError as err:
@@ -60,7 +77,7 @@ def _register(base: str, variants: dict[str, dict[str, Any]]) -> list[str]:
     return names
 
 
-def _run_one_seed(base, variants, samples, seed, store_path, out_dir, threads):
+def _run_one_seed(base, variants, also, samples, seed, store_path, out_dir, threads):
     import torch
 
     from saelab.bench.protocols import get_protocol
@@ -69,7 +86,7 @@ def _run_one_seed(base, variants, samples, seed, store_path, out_dir, threads):
 
     torch.set_num_threads(threads)
     names = _register(base, variants)
-    request = BenchRequest(protocol=get_protocol("mini"), archs=[base, *names], l0s=[12.0], seeds=[seed],
+    request = BenchRequest(protocol=get_protocol("mini"), archs=[base, *also, *names], l0s=[12.0], seeds=[seed],
                            samples=samples, out_dir=Path(out_dir))
     store = ResultsStore(store_path) if store_path else None
     return run_seed(request, seed, time.strftime("%Y%m%d-%H%M%S"), store=store, progress=False)
@@ -79,8 +96,9 @@ def main() -> None:
     from saelab.cli.common import parse_count
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", action="append", default=[], help="NAME=key:value[,key:value...]")
+    parser.add_argument("--variant", action="append", default=[], help="NAME[@ARCH]=key:value[,key:value...]")
     parser.add_argument("--base", default="recipe")
+    parser.add_argument("--also", action="append", default=[], help="another registered arch, trained as is")
     parser.add_argument("--samples", default=None, help="training samples (default: the mini protocol's)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=3)
@@ -88,8 +106,8 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=Path("runs/variants"))
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
-    if not args.variant:
-        raise SystemExit("name at least one --variant")
+    if not args.variant and not args.also:
+        raise SystemExit("name at least one --variant or --also")
     variants = dict(parse_variant(v) for v in args.variant)
     _register(args.base, variants)  # fail fast on unknown base / bad override names
     samples = parse_count(args.samples) if args.samples else None
@@ -98,7 +116,7 @@ def main() -> None:
     started = time.perf_counter()
     records: list[dict[str, Any]] = []
     with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_run_one_seed, args.base, variants, samples, seed, str(args.store), str(args.out_dir),
+        futures = [pool.submit(_run_one_seed, args.base, variants, args.also, samples, seed, str(args.store), str(args.out_dir),
                                threads) for seed in range(args.seeds)]
         for future in cf.as_completed(futures):
             records += future.result()
