@@ -108,6 +108,11 @@ class SparseActs:
             latent_idx, W_LD, self.offsets(mask), mode="sum", per_sample_weights=values.to(W_LD.dtype)
         )
 
+    def masked(self, keep_N: torch.Tensor) -> SparseActs:
+        """The entries where `keep_N` is True (order, and so the sample-major layout, preserved)."""
+        return SparseActs(self.batch_idx[keep_N], self.latent_idx[keep_N], self.values[keep_N],
+                          self.batch_size, self.d_sae)
+
     def to_dense(self) -> torch.Tensor:
         acts_BL = torch.zeros(self.batch_size, self.d_sae, dtype=self.values.dtype, device=self.values.device)
         acts_BL[self.batch_idx, self.latent_idx] = self.values

@@ -294,18 +294,16 @@ class JumpReLUSAE(SAE):
     def train_forward(self, x_BD: torch.Tensor, ctx: StepContext) -> StepOutput:
         self.clamp_threshold()  # also before the forward: a loaded or hand-set θ may be negative
         target_BD = self.scale_input(x_BD)
-        if self.cfg.pre_act_loss_coefficient is None:
-            with torch.no_grad():
-                x_tilde_BD = self.process_input(x_BD)
-                hidden_pre_BL = x_tilde_BD @ self.W_enc_DL + self.b_enc_L
-                threshold_L = self.threshold_L.to(hidden_pre_BL.dtype)
-                # Active, or inside the rectangle kernel's support |h − θ| < ε/2 (where θ gets gradient).
-                entries_BL = hidden_pre_BL > threshold_L - 0.5 * self.cfg.jumprelu_bandwidth
-                n_entries = int(entries_BL.sum())
-            if n_entries <= SPARSE_MAX_DENSITY * entries_BL.numel():
-                return self._train_forward_sparse(x_tilde_BD, hidden_pre_BL, entries_BL, target_BD, ctx)
-        hidden_pre_BL = self.pre_acts(x_BD)
+        # One encoder matmul serves both paths: the sparse one reads it detached, so its graph is never used.
+        x_tilde_BD = self.process_input(x_BD)
+        hidden_pre_BL = x_tilde_BD @ self.W_enc_DL + self.b_enc_L
         threshold_L = self.threshold_L.to(hidden_pre_BL.dtype)
+        if self.cfg.pre_act_loss_coefficient is None:
+            # Active, or inside the rectangle kernel's support |h − θ| < ε/2 (where θ gets gradient).
+            entries_BL = hidden_pre_BL.detach() > threshold_L.detach() - 0.5 * self.cfg.jumprelu_bandwidth
+            if int(entries_BL.sum()) <= SPARSE_MAX_DENSITY * entries_BL.numel():
+                return self._train_forward_sparse(x_tilde_BD.detach(), hidden_pre_BL.detach(), entries_BL, target_BD,
+                                                  ctx)
         acts_BL = jumprelu(hidden_pre_BL, threshold_L, self.cfg.jumprelu_bandwidth, self.cfg.jumprelu_ste_to_input)
         x_hat_BD = self.reconstruct(acts_BL)
         losses = {"mse": mse_per_sample(x_hat_BD, target_BD).mean()}
@@ -329,7 +327,8 @@ class JumpReLUSAE(SAE):
         h_N = gather_pre_acts(self, x_tilde_BD, hidden_pre_BL, batch_idx, latent_idx)
         threshold_N = self.threshold_L.to(h_N.dtype)[latent_idx]
         acts_N = jumprelu(h_N, threshold_N, self.cfg.jumprelu_bandwidth, self.cfg.jumprelu_ste_to_input)
-        x_hat_BD = self.reconstruct_sparse(SparseActs(batch_idx, latent_idx, acts_N, B, self.d_sae))
+        acts = SparseActs(batch_idx, latent_idx, acts_N, B, self.d_sae)
+        x_hat_BD = self.reconstruct_sparse(acts)
         W_dec_norm_N = self.W_dec_LD.norm(dim=1)[latent_idx]
         per_sample_B = self._sparsity_per_sample(
             h_N, acts_N, threshold_N, W_dec_norm_N, lambda t: per_sample_sum(t, batch_idx, B)
@@ -339,15 +338,13 @@ class JumpReLUSAE(SAE):
             "l0": ctx.coefficients.get("l0", self.cfg.l0_coefficient) * per_sample_B.mean(),
         }
         with torch.no_grad():
-            active_N = acts_N != 0
-            fired_L = torch.zeros(self.d_sae, dtype=torch.bool, device=h_N.device)
-            fired_L[latent_idx[active_N]] = True
+            l0 = (acts_N != 0).sum().float() / max(B, 1)
         return StepOutput(
             loss=losses["mse"] + losses["l0"],
             losses=losses,
             x_hat_BD=x_hat_BD,
-            l0=active_N.sum().float() / max(B, 1),
-            fired_L=fired_L,
+            l0=l0,
+            fired_L=acts.fired_L(),
         )
 
     # ----- weight surgery ---------------------------------------------------------------------

@@ -404,9 +404,7 @@ class RecipeSAE(MatryoshkaSAE):
         acts = trace.steps[-1]
         self.observe_steps(trace.steps)  # thresholds track the BatchTopK selections, as at inference
         if cfg.loo_in_training:
-            keep = self.leave_one_out_mask(trace.x_s_BD.detach(), acts, trace.U_LD.detach())
-            acts = SparseActs(acts.batch_idx[keep], acts.latent_idx[keep], acts.values[keep],
-                              acts.batch_size, acts.d_sae)
+            acts = acts.masked(self.leave_one_out_mask(trace.x_s_BD.detach(), acts, trace.U_LD.detach()))
         self.update_frequencies(acts)
         rank_L = self.level_order()
         x_s_BD = trace.x_s_BD
@@ -476,8 +474,7 @@ class RecipeSAE(MatryoshkaSAE):
         (= Bussmann's r·d_j + a_j‖d_j‖² for unit-norm d_j, the case with rescaled or folded decoders).
         One simultaneous pass: every score uses the same residual. (r Uᵀ is one dense B×D×L matmul,
         about twice as fast as gathering N rows of U on CPU.)"""
-        keep = self.leave_one_out_mask(x_s_BD, acts, U_LD)
-        return SparseActs(acts.batch_idx[keep], acts.latent_idx[keep], acts.values[keep], acts.batch_size, acts.d_sae)
+        return acts.masked(self.leave_one_out_mask(x_s_BD, acts, U_LD))
 
     @torch.no_grad()
     def leave_one_out_mask(self, x_s_BD: torch.Tensor, acts: SparseActs, U_LD: torch.Tensor) -> torch.Tensor:

@@ -120,15 +120,15 @@ class StandardSAE(SAE):
         target_BD = self.scale_input(x_BD)  # losses live in scaled units, as in SAELens
         # Without a coefficient from the trainer (direct use), the configured final value applies.
         l1_coefficient = ctx.coefficients.get("l1", self.cfg.l1_coefficient)
+        # One encoder matmul serves both paths: the sparse one reads it detached, so its graph is never used.
+        x_tilde_BD = self.process_input(x_BD)
+        hidden_pre_BL = x_tilde_BD @ self.W_enc_DL + self.b_enc_L
         if self.cfg.lp_norm == 1:
-            with torch.no_grad():
-                x_tilde_BD = self.process_input(x_BD)
-                hidden_pre_BL = x_tilde_BD @ self.W_enc_DL + self.b_enc_L
-                active_BL = hidden_pre_BL > 0
-                n_active = int(active_BL.sum())
-            if n_active <= SPARSE_MAX_DENSITY * active_BL.numel():
-                return self._train_forward_sparse(x_tilde_BD, hidden_pre_BL, active_BL, target_BD, l1_coefficient)
-        acts_BL = torch.relu(self.pre_acts(x_BD))
+            active_BL = hidden_pre_BL.detach() > 0
+            if int(active_BL.sum()) <= SPARSE_MAX_DENSITY * active_BL.numel():
+                return self._train_forward_sparse(x_tilde_BD.detach(), hidden_pre_BL.detach(), active_BL, target_BD,
+                                                  l1_coefficient)
+        acts_BL = torch.relu(hidden_pre_BL)
         x_hat_BD = self.reconstruct(acts_BL)
         losses = {
             "mse": mse_per_sample(x_hat_BD, target_BD).mean(),
