@@ -222,19 +222,24 @@ def test_training_thresholds_track_each_steps_minimum():
     assert float(sae.topk_threshold) == float(sae.ista_thresholds[-1])
 
 
+def _set_redundant_toy(sae: RecipeSAE) -> None:
+    """Unit decoders e0, e1, (e0+e1)/√2 with encoders giving x = e0 + e1 the codes 1, 1, 0.5; θ = 0.1."""
+    s = 1 / math.sqrt(2)
+    with torch.no_grad():
+        sae.W_dec_LD.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [s, s]]))
+        sae.W_enc_DL.copy_(torch.tensor([[1.0, 0.0, 0.25], [0.0, 1.0, 0.25]]))
+        sae.b_dec_D.zero_()
+        sae.b_enc_L.zero_()
+        sae.ista_thresholds.fill_(0.1)
+
+
 def test_leave_one_out_removes_a_redundant_latent():
     # Unit decoders e0, e1 and (e0+e1)/√2; x = e0 + e1 activates all three with codes 1, 1, 0.5.
     cfg = dict(d_in=2, d_sae=3, k=2, matryoshka_widths=[1], ista_steps=0, dtype="float64")
     sae = RecipeSAE(RecipeSAEConfig(**cfg, leave_one_out=True, loo_scale=1.0))
     plain = RecipeSAE(RecipeSAEConfig(**cfg))
-    s = 1 / math.sqrt(2)
     for m in (sae, plain):
-        with torch.no_grad():
-            m.W_dec_LD.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [s, s]]))
-            m.W_enc_DL.copy_(torch.tensor([[1.0, 0.0, 0.25], [0.0, 1.0, 0.25]]))
-            m.b_dec_D.zero_()
-            m.b_enc_L.zero_()
-            m.ista_thresholds.fill_(0.1)
+        _set_redundant_toy(m)
     x = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
     torch.testing.assert_close(plain.encode(x), torch.tensor([[1.0, 1.0, 0.5]], dtype=torch.float64))
     # r = −0.5·(e0+e1)/√2: latent 2's leave-one-out coefficient is 0.5 − 0.5 = 0 ≤ τ = 0.1 → pruned;
@@ -500,13 +505,7 @@ def test_leave_one_out_in_training_prunes_the_step_codes(loo_in_training):
     cfg = dict(d_in=2, d_sae=3, k=3, matryoshka_widths=[1], ista_steps=0, dtype="float64", tilt=0.0,
                aux_loss_coefficient=0.0, loo_in_training=loo_in_training)
     sae = RecipeSAE(RecipeSAEConfig(**cfg))
-    s = 1 / math.sqrt(2)
-    with torch.no_grad():
-        sae.W_dec_LD.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [s, s]]))
-        sae.W_enc_DL.copy_(torch.tensor([[1.0, 0.0, 0.25], [0.0, 1.0, 0.25]]))
-        sae.b_dec_D.zero_()
-        sae.b_enc_L.zero_()
-        sae.ista_thresholds.fill_(0.1)
+    _set_redundant_toy(sae)
     out = sae.train_forward(torch.tensor([[1.0, 1.0]], dtype=torch.float64), CTX)
     if loo_in_training:
         assert float(out.l0) == 2.0
