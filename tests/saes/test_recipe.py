@@ -4,10 +4,18 @@ import math
 import pytest
 import torch
 
-import saelab.saes.recipe  # noqa: F401  (registers "recipe" and "multi_l0")
+import saelab.saes.recipe  # registers "recipe" and "multi_l0"
 from saelab.errors import ConfigError
 from saelab.saes import StepContext, get_sae_class
-from saelab.saes.recipe import MultiL0SAE, RecipeSAE, RecipeSAEConfig, gather_matmul, term_mean
+from saelab.saes.base import SparseActs
+from saelab.saes.recipe import (
+    MultiL0SAE,
+    RecipeSAE,
+    RecipeSAEConfig,
+    gather_matmul,
+    least_squares_values,
+    term_mean,
+)
 from saelab.saes.saelens_format import load_sae, save_sae
 from saelab.saes.topk_family import select_batch_topk
 
@@ -114,7 +122,7 @@ def test_gather_matmul_gradients_match_dense():
 def test_k_annealing_schedule_values():
     lin = _recipe(k=25, k_initial=60, k_anneal_fraction=0.5, d_sae=64, matryoshka_widths=[8])
     cos = _recipe(k=25, k_initial=60, k_anneal_fraction=0.5, k_anneal_shape="cosine", d_sae=64, matryoshka_widths=[8])
-    at = lambda sae, step: sae.current_k(StepContext(step=step, total_steps=100))  # noqa: E731
+    at = lambda sae, step: sae.current_k(StepContext(step=step, total_steps=100))
     assert [at(lin, s) for s in (0, 10, 25, 50, 99)] == pytest.approx([60, 53, 42.5, 25, 25])
     assert at(cos, 10) == pytest.approx(25 + 17.5 * (1 + math.cos(0.2 * math.pi)))
     assert [at(cos, s) for s in (0, 25, 50, 80)] == pytest.approx([60, 42.5, 25, 25])
@@ -197,7 +205,7 @@ def test_term_weights_hand_computed():
 def test_inference_equals_training_selection_when_thresholds_are_the_batch_cut(ista_steps):
     sae = _recipe(ista_steps=ista_steps)
     x = torch.randn(32, 12, dtype=torch.float64)
-    select = lambda s, t: sae.select(s, None)  # noqa: E731
+    select = lambda s, t: sae.select(s, None)
     trace = sae.ista(x, select, grad=False, keep_scores=True)
     m = int(sae.cfg.k * 32)
     with torch.no_grad():
@@ -254,7 +262,9 @@ def test_config_errors_name_the_field():
     base = dict(d_in=8, d_sae=32, k=4)
     for field, value in [("ista_eta", 0.0), ("ista_eta", -1.0), ("ista_steps", -1), ("k_initial", 3.0),
                          ("k_initial", 64.0), ("k_anneal_fraction", 0.0), ("k_anneal_fraction", 1.5),
-                         ("k_anneal_shape", "exp"), ("frequency_ema", 1.0), ("tilt", -0.1), ("loo_scale", -1.0)]:
+                         ("k_anneal_shape", "exp"), ("frequency_ema", 1.0), ("tilt", -0.1), ("loo_scale", -1.0),
+                         ("ista_residual", "omp"), ("ls_ridge", 0.0), ("ksvd_every", -1), ("ksvd_every", 1.5),
+                         ("ksvd_rate", 0.0), ("ksvd_rate", 1.5)]:
         with pytest.raises(ConfigError, match=field):
             RecipeSAEConfig(**base, **{field: value})
     with pytest.raises(ConfigError, match="k_low"):
@@ -515,3 +525,101 @@ def test_leave_one_out_in_training_prunes_the_step_codes(loo_in_training):
     else:
         assert float(out.l0) == 3.0
         torch.testing.assert_close(out.losses["mse"], torch.tensor(0.25, dtype=torch.float64))
+
+
+def _random_support(B, L, max_per_sample, seed):
+    g = torch.Generator().manual_seed(seed)
+    batch, latent = [], []
+    for b in range(B):
+        count = int(torch.randint(0, max_per_sample + 1, (1,), generator=g))  # includes empty samples
+        chosen = torch.randperm(L, generator=g)[:count].sort().values
+        batch += [b] * count
+        latent += chosen.tolist()
+    return torch.tensor(batch, dtype=torch.long), torch.tensor(latent, dtype=torch.long)
+
+
+@pytest.mark.parametrize("max_elements", [2**24, 50])  # one batch, or split down to single samples
+def test_least_squares_values_solve_each_samples_normal_equations(monkeypatch, max_elements):
+    monkeypatch.setattr(saelab.saes.recipe, "LS_MAX_SYSTEM_ELEMENTS", max_elements)
+    torch.manual_seed(0)
+    B, L, D, ridge = 9, 20, 8, 1e-3
+    U = torch.nn.functional.normalize(torch.randn(L, D, dtype=torch.float64), dim=1).requires_grad_()
+    x = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
+    batch, latent = _random_support(B, L, 6, seed=1)
+    acts = SparseActs(batch, latent, torch.zeros(len(batch), dtype=torch.float64), B, L)
+    coef = least_squares_values(x, acts, U, ridge)
+    for b in range(B):  # each sample's coefficients: (U_S U_Sᵀ + ridge·I)⁻¹ U_S x_b
+        rows = U[latent[batch == b]].detach()
+        expected = torch.linalg.solve(rows @ rows.T + ridge * torch.eye(len(rows), dtype=torch.float64),
+                                      rows @ x[b].detach())
+        torch.testing.assert_close(coef[batch == b].detach(), expected, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x_, U_: least_squares_values(x_, acts, U_, ridge), (x, U))
+
+
+def test_least_squares_residual_is_orthogonal_to_the_support_and_scores_match_dense():
+    """ista_residual="least_squares": the step-1 scores are h⁰ + η((x̃ − c_LS U) W_enc) ⊙ n, with c_LS the
+    (ridge-free in the limit) least-squares fit, whose residual is orthogonal to every selected atom."""
+    sae = _recipe(ista_residual="least_squares", ls_ridge=1e-12, ista_steps=1)
+    x = torch.randn(16, 12, dtype=torch.float64)
+    trace = sae.ista(x, lambda s, t: sae.select(s, None), grad=True, keep_scores=True)
+    first = trace.steps[0]
+    U = (sae.W_dec_LD / sae.W_dec_LD.norm(dim=1, keepdim=True)).detach()
+    x_tilde = (x - sae.b_dec_D).detach()
+    fit = SparseActs(first.batch_idx, first.latent_idx,
+                     least_squares_values(x_tilde, first, U, 1e-12).detach(), 16, 48)
+    r = x_tilde - fit.decode_rows(U)
+    assert (r @ U.T)[first.batch_idx, first.latent_idx].abs().max() < 1e-9
+    norms = sae.W_dec_LD.norm(dim=1).detach()
+    expected = trace.all_scores[0] + sae.ista_eta_T[0] * (r @ sae.W_enc_DL.detach()) * norms
+    torch.testing.assert_close(trace.all_scores[1], expected, rtol=1e-10, atol=1e-10)
+    final = trace.steps[1]  # the gathered values (with grad) equal the dense scores at the selection
+    torch.testing.assert_close(final.values.detach(), expected[final.batch_idx, final.latent_idx])
+    final.values.sum().backward()
+    # Dense reference with c_LS held constant: every parameter's gradient agrees.
+    W_dec, W_enc, b_enc, b_dec = (p.detach().clone().requires_grad_() for p in
+                                  (sae.W_dec_LD, sae.W_enc_DL, sae.b_enc_L, sae.b_dec_D))
+    n = W_dec.norm(dim=1)
+    xt = x - b_dec
+    r_dense = xt - fit.to_dense() @ (W_dec / n[:, None])
+    h1 = (xt @ W_enc + b_enc) * n + sae.ista_eta_T[0] * (r_dense @ W_enc) * n
+    h1[final.batch_idx, final.latent_idx].sum().backward()
+    for param, ref in [(sae.W_dec_LD, W_dec), (sae.W_enc_DL, W_enc), (sae.b_enc_L, b_enc), (sae.b_dec_D, b_dec)]:
+        torch.testing.assert_close(param.grad, ref.grad, rtol=1e-9, atol=1e-10)
+
+
+def test_ksvd_update_recovers_the_atoms_of_one_sparse_data_and_keeps_norms():
+    """One atom per sample, x_b = z_b·d_j(b): the leave-j-out residual is exactly z_j d_jᵀ, so one
+    approximate-K-SVD step puts every fired direction on its true atom; unfired rows stay as they were."""
+    torch.manual_seed(0)
+    L, D, B = 6, 5, 40
+    sae = RecipeSAE(RecipeSAEConfig(d_in=D, d_sae=L, k=1, matryoshka_widths=[L], ista_steps=0, dtype="float64",
+                                    ksvd_every=1))
+    true = torch.nn.functional.normalize(torch.randn(L, D, dtype=torch.float64), dim=1)
+    with torch.no_grad():
+        sae.b_dec_D.zero_()
+        sae.W_dec_LD.copy_((true + 0.3 * torch.randn(L, D, dtype=torch.float64)) * torch.linspace(0.5, 2, L)[:, None])
+    before = sae.W_dec_LD.detach().clone()
+    latent = torch.randint(0, L - 1, (B,))  # atom L-1 never fires
+    z = torch.rand(B, dtype=torch.float64) + 0.5
+    x = z[:, None] * true[latent]
+    fired = sae.ksvd_update(x, SparseActs(torch.arange(B), latent, z, B, L))
+    W = sae.W_dec_LD.detach()
+    torch.testing.assert_close(W.norm(dim=1), before.norm(dim=1))
+    for j in range(L):
+        if j in latent.tolist():
+            assert fired[j]
+            torch.testing.assert_close(W[j] / W[j].norm(), true[j], rtol=1e-10, atol=1e-10)
+        else:
+            assert not fired[j]
+            torch.testing.assert_close(W[j], before[j], rtol=0, atol=0)
+
+
+def test_ksvd_runs_after_the_optimiser_step_only_on_its_schedule():
+    sae = _recipe(ksvd_every=2, ista_steps=1)
+    x = torch.randn(16, 12, dtype=torch.float64)
+    for step, expect_change in [(1, False), (2, True)]:
+        before = sae.W_dec_LD.detach().clone()
+        sae.train_forward(x, StepContext(step=step, total_steps=10))
+        sae.after_step()
+        assert (not torch.equal(sae.W_dec_LD.detach(), before)) == expect_change
+        assert sae._ksvd_batch is None  # consumed, never kept to a later step

@@ -23,6 +23,15 @@
   w = softmax_b(t·ℓ_b / mean ℓ), ℓ detached for the weights. t = 0 is the plain mean.
 * `use_matryoshka=False` drops the inner levels (plain BatchTopK + the other options).
 * Leave-one-out pruning at inference (`leave_one_out`, `loo_scale`; Bussmann, §2.4).
+* OMP-style residual (`ista_residual="least_squares"`): each refinement step's residual is taken
+  after the least-squares fit of x̃ on the current support (OMP's orthogonal projection,
+  `least_squares_values`) instead of after the encoder's own codes; the support still comes from
+  BatchTopK and the final codes stay the encoder's, so the encoder keeps its gradients (the fit's
+  coefficients are treated as constants: no backward through the solve).
+* K-SVD-style decoder updates (`ksvd_every`, `ksvd_rate`): every `ksvd_every` steps, after the
+  optimiser step, each latent that fired in the batch moves its decoder direction towards the
+  rank-one fit of its leave-j-out residual (one power iteration of approximate K-SVD, all atoms at
+  once), keeping its norm.
 
 Inference: per-step JumpReLU thresholds θ₀..θ_T (float64 buffer, EMA of each step's minimum
 selected activation, as BatchTopK's single threshold is), see `encode`. With ista_steps = 0 and no
@@ -64,6 +73,7 @@ from saelab.saes.matryoshka import MatryoshkaSAE, MatryoshkaSAEConfig, default_m
 from saelab.saes.topk_family import BatchThresholdMixin, TopKFamilySAE, gather_pre_acts, select_batch_topk
 
 AnnealShape = Literal["linear", "cosine"]
+IstaResidual = Literal["codes", "least_squares"]
 
 
 # ----- sparse autograd pieces -------------------------------------------------------------------
@@ -121,12 +131,59 @@ def term_mean(per_sample_B: torch.Tensor, tilt: float) -> torch.Tensor:
     return (weights.to(per_sample_B.dtype) * per_sample_B).sum()
 
 
+LS_MAX_SYSTEM_ELEMENTS = 2**24  # B·K² above this: the normal equations are solved in halves of the batch
+
+
+def least_squares_values(x_BD: torch.Tensor, acts: SparseActs, U_LD: torch.Tensor, ridge: float) -> torch.Tensor:
+    """OMP's projection step: per sample b, c_b = argmin_c ‖x_b − Σ_j c_j U_j‖² + ridge·‖c‖² over its
+    active latents j, returned per entry of `acts` (same order); differentiable in x and U.
+
+    One batch of padded [B, K, K] normal equations (K = most entries in one sample; padded slots get an
+    identity row, so their coefficient is 0), solved by Cholesky. The systems are gathered from the
+    full Gram U Uᵀ and x Uᵀ (dense matmuls; cheaper than B per-sample Grams once B·K² ≳ L²). Batches
+    whose systems would exceed `LS_MAX_SYSTEM_ELEMENTS` are solved in halves, recursively."""
+    if acts.latent_idx.numel() == 0:
+        return x_BD.new_zeros(0)
+    return _solve_on_support(x_BD.to(U_LD.dtype), acts, U_LD, U_LD @ U_LD.t(), ridge)
+
+
+def _solve_on_support(x_BD, acts: SparseActs, U_LD, gram_LL, ridge: float) -> torch.Tensor:
+    N, B, L = acts.latent_idx.numel(), acts.batch_size, acts.d_sae
+    device, dtype = x_BD.device, U_LD.dtype
+    counts_B = torch.bincount(acts.batch_idx, minlength=B)
+    K = int(counts_B.max()) if N else 0
+    if B > 1 and B * K * K > LS_MAX_SYSTEM_ELEMENTS:
+        half = B // 2
+        cut = int(counts_B[:half].sum())
+        first = SparseActs(acts.batch_idx[:cut], acts.latent_idx[:cut], acts.values[:cut], half, L)
+        second = SparseActs(acts.batch_idx[cut:] - half, acts.latent_idx[cut:], acts.values[cut:], B - half, L)
+        return torch.cat([_solve_on_support(x_BD[:half], first, U_LD, gram_LL, ridge),
+                          _solve_on_support(x_BD[half:], second, U_LD, gram_LL, ridge)])
+    if N == 0:
+        return x_BD.new_zeros(0)
+    slot_N = torch.arange(N, device=device) - (torch.cumsum(counts_B, 0) - counts_B)[acts.batch_idx]
+    latent_BK = torch.zeros(B, K, dtype=torch.long, device=device)
+    latent_BK[acts.batch_idx, slot_N] = acts.latent_idx
+    valid_BK = torch.zeros(B, K, dtype=torch.bool, device=device)
+    valid_BK[acts.batch_idx, slot_N] = True
+    pair_BKK = latent_BK.unsqueeze(2) * L + latent_BK.unsqueeze(1)
+    gram_BKK = gram_LL.reshape(-1).index_select(0, pair_BKK.reshape(-1)).view(B, K, K)
+    both_valid_BKK = valid_BK.unsqueeze(2) & valid_BK.unsqueeze(1)
+    gram_BKK = gram_BKK * both_valid_BKK.to(dtype) + torch.diag_embed(ridge + (~valid_BK).to(dtype))
+    rhs_BK = (x_BD @ U_LD.t()).gather(1, latent_BK) * valid_BK.to(dtype)
+    chol_BKK, _ = torch.linalg.cholesky_ex(gram_BKK)
+    coef_BK = torch.cholesky_solve(rhs_BK.unsqueeze(-1), chol_BKK).squeeze(-1)
+    return coef_BK[acts.batch_idx, slot_N]
+
+
 # ----- recipe -----------------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class RecipeSAEConfig(MatryoshkaSAEConfig):
     ista_steps: int = 1
     ista_eta: float = 0.3
     learn_eta: bool = False
+    ista_residual: IstaResidual = "codes"  # "least_squares": OMP-style orthogonal residual per step
+    ls_ridge: float = 1e-4  # ridge of the least-squares fit (unit-norm atoms: relative to ‖d_j‖² = 1)
     k_initial: float | None = None
     k_anneal_fraction: float = 1.0
     k_anneal_shape: AnnealShape = "linear"
@@ -140,6 +197,8 @@ class RecipeSAEConfig(MatryoshkaSAEConfig):
     loo_in_training: bool = False  # also prune each training step's codes (the decoder learns from pruned codes)
     # The recipe's own LR schedule (linear decay to 0 over this final fraction); None = the trainer's.
     lr_decay_fraction: float | None = None
+    ksvd_every: int = 0  # K-SVD-style decoder update every this many steps (0 = never)
+    ksvd_rate: float = 1.0  # how far each direction moves towards its K-SVD update (1 = all the way)
 
     def validate(self) -> None:
         super().validate()
@@ -163,6 +222,12 @@ class RecipeSAEConfig(MatryoshkaSAEConfig):
                 "must be a finite number ≥ 0 (0 disables TERM)")
         require(_finite(self.loo_scale) and self.loo_scale >= 0, "loo_scale", self.loo_scale,
                 "must be a finite number ≥ 0")
+        require(self.ista_residual in ("codes", "least_squares"), "ista_residual", self.ista_residual,
+                "must be 'codes' (ISTA) or 'least_squares' (OMP-style)")
+        require(_finite(self.ls_ridge) and self.ls_ridge > 0, "ls_ridge", self.ls_ridge, "must be a finite number > 0")
+        require(isinstance(self.ksvd_every, int) and not isinstance(self.ksvd_every, bool) and self.ksvd_every >= 0,
+                "ksvd_every", self.ksvd_every, "must be an integer ≥ 0 (0 = no K-SVD updates)")
+        require(_finite(self.ksvd_rate) and 0 < self.ksvd_rate <= 1, "ksvd_rate", self.ksvd_rate, "must be in (0, 1]")
 
 
 def _finite(value: Any) -> bool:
@@ -218,6 +283,7 @@ class RecipeSAE(MatryoshkaSAE):
         self.register_buffer("ista_thresholds", torch.zeros(cfg.ista_steps + 1, dtype=torch.float64, device=device))
         self.register_buffer("latent_freq_L", torch.zeros(cfg.d_sae, dtype=torch.float64, device=device))
         self.register_buffer("latent_freq_initialized", torch.zeros((), dtype=torch.bool, device=device))
+        self._ksvd_batch: tuple[torch.Tensor, SparseActs] | None = None  # set by train_forward, used by after_step
 
     @classmethod
     def config_for_l0(cls, d_in: int, d_sae: int, l0: float, total_steps: int, **overrides: Any) -> RecipeSAEConfig:
@@ -348,12 +414,21 @@ class RecipeSAE(MatryoshkaSAE):
             if t == cfg.ista_steps:
                 break
             with torch.set_grad_enabled(grad):
-                r_BD = x_tilde_BD - acts.decode_rows(U_LD)
+                r_BD = x_tilde_BD - self._fit(x_tilde_BD, acts, U_LD).decode_rows(U_LD)
                 step_BD = self.ista_eta_T[t].to(r_BD.dtype) * r_BD
                 R_BD = step_BD if R_BD is None else R_BD + step_BD
             with torch.no_grad():
                 Q_BL = R_BD.detach() @ self.W_enc_DL
         return IstaTrace(x_s_BD, x_tilde_BD, U_LD, norms_L, h0_BL, steps, scores_BL, R_BD, Q_BL, all_scores)
+
+    def _fit(self, x_tilde_BD: torch.Tensor, acts: SparseActs, U_LD: torch.Tensor) -> SparseActs:
+        """The codes a refinement step's residual is taken after: the step's own (ISTA) or OMP's
+        least-squares coefficients on the same support."""
+        if self.cfg.ista_residual == "codes":
+            return acts
+        with torch.no_grad():  # the fit's coefficients are constants; r = x̃ − cU still carries gradients
+            values = least_squares_values(x_tilde_BD.detach(), acts, U_LD.detach(), self.cfg.ls_ridge)
+        return SparseActs(acts.batch_idx, acts.latent_idx, values, acts.batch_size, acts.d_sae)
 
     def _refined_values(self, x_tilde_ng, h0_BL, R_BD, Q_BL, norms_L, batch_idx, latent_idx) -> torch.Tensor:
         """h^t at the chosen entries (⊙ n when rescaling) with gradients; equals the dense scores exactly."""
@@ -406,6 +481,9 @@ class RecipeSAE(MatryoshkaSAE):
         if cfg.loo_in_training:
             acts = acts.masked(self.leave_one_out_mask(trace.x_s_BD.detach(), acts, trace.U_LD.detach()))
         self.update_frequencies(acts)
+        if cfg.ksvd_every and ctx.step % cfg.ksvd_every == 0:
+            self._ksvd_batch = (trace.x_s_BD.detach(), SparseActs(acts.batch_idx, acts.latent_idx, acts.values.detach(),
+                                                                 acts.batch_size, acts.d_sae))
         rank_L = self.level_order()
         x_s_BD = trace.x_s_BD
         x_hat_BD, inner = self.level_reconstructions(acts, trace.U_LD, rank_L)
@@ -445,6 +523,35 @@ class RecipeSAE(MatryoshkaSAE):
                                             trace.U_LD, ctx.dead_mask_L & in_level_L, zero)
             start = width
         return total
+
+    def after_step(self) -> None:
+        super().after_step()
+        pending, self._ksvd_batch = self._ksvd_batch, None
+        if pending is not None:
+            self.ksvd_update(*pending)
+
+    @torch.no_grad()
+    def ksvd_update(self, x_s_BD: torch.Tensor, acts: SparseActs) -> torch.Tensor:
+        """Approximate K-SVD (one power iteration per atom, Rubinstein et al. 2008), all atoms at once.
+
+        With unit directions u_j and the batch codes z (rescaled units), atom j's leave-j-out residual
+        over its samples is E_j = R + z_j u_jᵀ (R = x̃ − zU, the current decoder's residual); the
+        rank-one fit's direction is E_jᵀz_j/‖·‖ = (Rᵀz_j + ‖z_j‖² u_j)/‖·‖. Each fired direction moves
+        `ksvd_rate` of the way there (then renormalised); ‖W_dec,j‖ is kept. Returns the fired mask."""
+        W_LD = self.W_dec_LD
+        x_tilde_BD = x_s_BD - self.b_dec_D if self.cfg.apply_b_dec_to_input else x_s_BD
+        norms_L = W_LD.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        U_LD = W_LD / norms_L
+        values_N = acts.values.to(W_LD.dtype)
+        R_BD = x_tilde_BD.to(W_LD.dtype) - acts.decode_rows(U_LD)
+        zz_L = torch.zeros(self.d_sae, dtype=W_LD.dtype, device=W_LD.device).index_add_(0, acts.latent_idx, values_N**2)
+        target_LD = torch.zeros_like(W_LD).index_add_(0, acts.latent_idx, values_N.unsqueeze(1) * R_BD[acts.batch_idx])
+        target_LD += zz_L.unsqueeze(1) * U_LD
+        fired_L = zz_L > 0
+        target_LD = F.normalize(target_LD, dim=1)
+        moved_LD = F.normalize((1 - self.cfg.ksvd_rate) * U_LD + self.cfg.ksvd_rate * target_LD, dim=1)
+        W_LD.copy_(torch.where(fired_L.unsqueeze(1), moved_LD * norms_L, W_LD))
+        return fired_L
 
     # ----- inference ----------------------------------------------------------------------------
     def threshold_select(self, scores_BL: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
