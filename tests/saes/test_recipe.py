@@ -342,6 +342,7 @@ def test_aux_loss_uses_refined_preacts_and_trains_dead_latents():
     {"ista_steps": 2, "learn_eta": True},
     {"ista_steps": 0, "leave_one_out": True, "normalize_activations": "expected_average_only_in"},
     {"ista_steps": 1, "leave_one_out": True, "loo_scale": 0.5},
+    {"ista_steps": 1, "ista_residual": "least_squares", "ksvd_every": 2},
 ])
 def test_save_load_roundtrip(tmp_path, overrides):
     sae = _recipe(dtype="float32", **overrides)

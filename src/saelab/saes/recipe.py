@@ -183,7 +183,7 @@ class RecipeSAEConfig(MatryoshkaSAEConfig):
     ista_eta: float = 0.3
     learn_eta: bool = False
     ista_residual: IstaResidual = "codes"  # "least_squares": OMP-style orthogonal residual per step
-    ls_ridge: float = 1e-4  # ridge of the least-squares fit (unit-norm atoms: relative to ‖d_j‖² = 1)
+    ls_ridge: float = 1e-4  # least-squares ridge; atoms are unit-norm in training, ‖W_dec,j‖ once folded (tiny either way)
     k_initial: float | None = None
     k_anneal_fraction: float = 1.0
     k_anneal_shape: AnnealShape = "linear"
