@@ -47,22 +47,35 @@ def main() -> None:
     from saelab.activations.text import ContextStream, load_documents
     from saelab.activations.tiny import build_tiny_causal_lm
     from saelab.cli.common import parse_count
-    from saelab.training.sources import TensorSource
+    from saelab.data import TensorSource
     from saelab.training.trainer import TrainConfig, Trainer, build_sae
 
     n_tokens = parse_count(args.tokens, "tokens")
     lines = load_documents(CORPUS)
     tmp = Path(tempfile.mkdtemp(prefix="saelab-bench-cache-"))
-    model_dir = build_tiny_causal_lm(tmp / "model", lines, d_model=args.d_model, n_layers=args.layers,
-                                     n_heads=max(1, args.d_model // 64), context_size=128)
+    model_dir = build_tiny_causal_lm(
+        tmp / "model",
+        lines,
+        d_model=args.d_model,
+        n_layers=args.layers,
+        n_heads=max(1, args.d_model // 64),
+        context_size=128,
+    )
     hooked = HookedLM.from_pretrained(model_dir, layer=args.layer)
     n_params = sum(p.numel() for p in hooked.model.parameters())
-    print(f"model: GPT-2 shape, d_model {args.d_model}, {args.layers} blocks ({n_params / 1e6:.1f}M params), "
-          f"hook {hooked.hook_module}; torch threads {args.threads}")
+    print(
+        f"model: GPT-2 shape, d_model {args.d_model}, {args.layers} blocks ({n_params / 1e6:.1f}M params), "
+        f"hook {hooked.hook_module}; torch threads {args.threads}"
+    )
 
     def lm_source(seed: int = 0) -> LMActivationSource:
-        return LMActivationSource(hooked, ContextStream(lines, hooked.tokenizer, context_size=128, seed=seed),
-                                  model_batch_size=args.model_batch_size, buffer_size=16384, seed=seed)
+        return LMActivationSource(
+            hooked,
+            ContextStream(lines, hooked.tokenizer, context_size=128, seed=seed),
+            model_batch_size=args.model_batch_size,
+            buffer_size=16384,
+            seed=seed,
+        )
 
     # 1. write
     src = lm_source()
@@ -72,10 +85,16 @@ def main() -> None:
     produced = manifest["produce_seconds"]
     tok, fwd = src.timings["tokenise"], src.timings["forward"]
     shuffle = produced - tok - fwd
-    print(f"\ncache write: {n_tokens:,} tokens in {wall_write:.2f} s = {n_tokens / wall_write:,.0f} tokens/s "
-          f"({len(manifest['shards'])} shards, {sum(s['bytes'] for s in manifest['shards']) / 2**20:.0f} MiB)")
-    for name, sec in [("tokenise", tok), ("LM forward to the layer", fwd), ("shuffle buffer", shuffle),
-                      ("safetensors write (+fsync, manifest)", manifest["write_seconds"])]:
+    print(
+        f"\ncache write: {n_tokens:,} tokens in {wall_write:.2f} s = {n_tokens / wall_write:,.0f} tokens/s "
+        f"({len(manifest['shards'])} shards, {sum(s['bytes'] for s in manifest['shards']) / 2**20:.0f} MiB)"
+    )
+    for name, sec in [
+        ("tokenise", tok),
+        ("LM forward to the layer", fwd),
+        ("shuffle buffer", shuffle),
+        ("safetensors write (+fsync, manifest)", manifest["write_seconds"]),
+    ]:
         print(f"  {name:<38} {sec:7.2f} s  {100 * sec / wall_write:5.1f}%")
 
     # 2. read (memory-mapped), twice: the second pass is from the page cache
@@ -101,8 +120,10 @@ def main() -> None:
     rows_ND = cache_source(tmp / "cache").next_batch(min(n_tokens, 16 * args.batch_size))
     sae_wall = train(TensorSource(rows_ND), args.train_steps)
     per_step = sae_wall / args.train_steps
-    print(f"SAE step (topk {hooked.d_in}→{args.width}, k {args.k}, batch {args.batch_size}): "
-          f"{1000 * per_step:.1f} ms = {args.batch_size / per_step:,.0f} tokens/s")
+    print(
+        f"SAE step (topk {hooked.d_in}→{args.width}, k {args.k}, batch {args.batch_size}): "
+        f"{1000 * per_step:.1f} ms = {args.batch_size / per_step:,.0f} tokens/s"
+    )
 
     # 4. live LM training: without and with the prefetch thread, same data and steps
     steps = args.train_steps
@@ -113,11 +134,15 @@ def main() -> None:
     prefetched.close()
     lm_per_batch = (direct.timings["tokenise"] + direct.timings["forward"]) / max(direct.tokens, 1) * args.batch_size
     print(f"\ntraining from the live LM, {steps} steps of {args.batch_size}:")
-    print(f"  LM tokens per batch cost {1000 * lm_per_batch:.1f} ms (tokenise + forward), SAE step {1000 * per_step:.1f} ms")
+    print(
+        f"  LM tokens per batch cost {1000 * lm_per_batch:.1f} ms (tokenise + forward), SAE step {1000 * per_step:.1f} ms"
+    )
     print(f"  no prefetch:   {wall_direct:.2f} s = {steps * args.batch_size / wall_direct:,.0f} tokens/s")
     print(f"  with prefetch: {wall_prefetch:.2f} s = {steps * args.batch_size / wall_prefetch:,.0f} tokens/s")
-    print(f"  speed-up from overlapping forward and SAE step: {wall_direct / wall_prefetch:.2f}x "
-          f"(ideal: {(lm_per_batch + per_step) / max(lm_per_batch, per_step):.2f}x)")
+    print(
+        f"  speed-up from overlapping forward and SAE step: {wall_direct / wall_prefetch:.2f}x "
+        f"(ideal: {(lm_per_batch + per_step) / max(lm_per_batch, per_step):.2f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -58,13 +58,22 @@ def _row(sweep, seed: int) -> dict:
 
 
 def sweep_bench(name: str, data: str, l0s: list[int], width: int | None, args, tol: float) -> list[dict]:
-    from saelab.diagnostics.l0 import run_l0_sweep
+    from saelab.diagnostics.l0_sweep import run_l0_sweep
 
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         out = Path(args.out) / f"{name}_s{seed}"
-        sweep = run_l0_sweep(data, l0s, width=width, samples=_count(args.samples), lr=args.lr,
-                             lr_decay_fraction=args.decay, seed=seed, out_dir=out, gt_eval_samples=_count(args.gt_eval))
+        sweep = run_l0_sweep(
+            data,
+            l0s,
+            width=width,
+            samples=_count(args.samples),
+            lr=args.lr,
+            lr_decay_fraction=args.decay,
+            seed=seed,
+            out_dir=out,
+            gt_eval_samples=_count(args.gt_eval),
+        )
         row = _row(sweep, seed)
         row["pass"] = abs(row["recommended_l0"] - round(sweep.true_l0_first_width)) <= tol
         rows.append(row)
@@ -73,13 +82,18 @@ def sweep_bench(name: str, data: str, l0s: list[int], width: int | None, args, t
 
 
 def mechanism(args) -> dict:
-    from saelab.diagnostics.l0 import ground_truth_init_drift
+    from saelab.diagnostics.l0_mechanism import ground_truth_init_drift
     from saelab.synthetic import build_preset
 
     model = build_preset("sbw-toy")
     t0 = time.perf_counter()
-    hist = ground_truth_init_drift(model, l0s=(5, 8, 11, 15), samples=_count(args.samples), lr=args.lr,
-                                   eval_every=max(1, _count(args.samples) // 1024 // 8))
+    hist = ground_truth_init_drift(
+        model,
+        l0s=(5, 8, 11, 15),
+        samples=_count(args.samples),
+        lr=args.lr,
+        eval_every=max(1, _count(args.samples) // 1024 // 8),
+    )
     print(f"{'step':>6} " + " ".join(f"{'L0=' + format(k, 'g'):>22}" for k in hist))
     print(f"{'':>6} " + " ".join(f"{'self cos / mixing':>22}" for _ in hist))
     for i in range(len(next(iter(hist.values())))):
@@ -91,7 +105,8 @@ def mechanism(args) -> dict:
 
 def reanalyse(dirs: list[str]) -> None:
     """Re-apply the current rule to saved sweeps; the points of all DIRs are merged (first wins)."""
-    from saelab.diagnostics.l0 import load_sweep, recommend_l0
+    from saelab.diagnostics.l0_select import recommend_l0
+    from saelab.diagnostics.l0_sweep import load_sweep
 
     sweeps = [load_sweep(Path(d) / "l0_sweep.json") for d in dirs]
     points = {}
@@ -117,8 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="/tmp/saelab-bench-l0")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    defaults = {"sbw": ("0,1,2", "2M", 3e-3, 0.0), "mini": ("0", "6M", 1e-3, 1 / 3), "mechanism": ("0", "1M", 3e-3, 0.0),
-                "reanalyse": ("0", "1", 1e-3, 0.0)}[args.which]
+    defaults = {
+        "sbw": ("0,1,2", "2M", 3e-3, 0.0),
+        "mini": ("0", "6M", 1e-3, 1 / 3),
+        "mechanism": ("0", "1M", 3e-3, 0.0),
+        "reanalyse": ("0", "1", 1e-3, 0.0),
+    }[args.which]
     args.seeds = args.seeds or defaults[0]
     args.samples = args.samples or defaults[1]
     args.lr = args.lr if args.lr is not None else defaults[2]

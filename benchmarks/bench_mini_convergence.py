@@ -63,14 +63,21 @@ def main() -> None:
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     report: dict = {"protocol": proto.name, "archs": archs, "seeds": args.seeds, "runs": previous.get("runs", {})}
     for label, samples in budgets.items():
-        request = BenchRequest(protocol=proto, archs=archs, l0s=[float(proto.natural_l0)],
-                               seeds=list(range(args.seeds)), samples=samples,
-                               out_dir=Path("runs/convergence") / f"{label}-{samples}")
+        request = BenchRequest(
+            protocol=proto,
+            archs=archs,
+            l0s=[float(proto.natural_l0)],
+            seeds=list(range(args.seeds)),
+            samples=samples,
+            out_dir=Path("runs/convergence") / f"{label}-{samples}",
+        )
         started = time.perf_counter()
         records = run_bench(request, store=store, progress=False, jobs=args.jobs)
         wall = time.perf_counter() - started
         report["runs"][str(samples)] = {
-            "label": label, "wall_seconds": wall, "jobs": args.jobs,
+            "label": label,
+            "wall_seconds": wall,
+            "jobs": args.jobs,
             "f1": {a: [r["f1"] for r in records if r["arch"] == a] for a in archs},
             "mcc": {a: [r["mcc"] for r in records if r["arch"] == a] for a in archs},
             "l0": {a: [r["l0"] for r in records if r["arch"] == a] for a in archs},
@@ -96,17 +103,29 @@ def main() -> None:
         delta = row["double"][0] - row["base"][0] if len(row) == 2 else None
         summary[a] = {"f1": row.get("base"), "f1_double": row.get("double"), "delta": delta}
         fmt = lambda ms: f"{ms[0]:.3f} ± {ms[1]:.3f}" if ms else "—"  # noqa: E731
-        print(f"| {a} | {fmt(row.get('base'))} | {fmt(row.get('double'))} | "
-              f"{'—' if delta is None else f'{delta:+.3f}'} | {mcc[0]:.3f} ± {mcc[1]:.3f} | {l0:.1f} | {dead:.0f} |")
+        print(
+            f"| {a} | {fmt(row.get('base'))} | {fmt(row.get('double'))} | "
+            f"{'—' if delta is None else f'{delta:+.3f}'} | {mcc[0]:.3f} ± {mcc[1]:.3f} | {l0:.1f} | {dead:.0f} |"
+        )
     deltas = [s["delta"] for s in summary.values() if s["delta"] is not None]
     converged = bool(deltas) and max(abs(x) for x in deltas) <= 0.02
     ranking = ranking_matches({a: s["f1"][0] for a, s in summary.items() if s["f1"]})
     wall_b = runs[b]["wall_seconds"] if b in runs else None
-    print(f"\nconverged (max |ΔF1| ≤ 0.02): {converged}; ranking matches published: {ranking}; "
-          f"budget-B wall: {wall_b / 60 if wall_b else float('nan'):.1f} min")
-    print(json.dumps({"converged": converged, "max_abs_delta": max(map(abs, deltas)) if deltas else None,
-                      "ranking_matches": ranking, "wall_minutes_base": wall_b / 60 if wall_b else None,
-                      "summary": summary}))
+    print(
+        f"\nconverged (max |ΔF1| ≤ 0.02): {converged}; ranking matches published: {ranking}; "
+        f"budget-B wall: {wall_b / 60 if wall_b else float('nan'):.1f} min"
+    )
+    print(
+        json.dumps(
+            {
+                "converged": converged,
+                "max_abs_delta": max(map(abs, deltas)) if deltas else None,
+                "ranking_matches": ranking,
+                "wall_minutes_base": wall_b / 60 if wall_b else None,
+                "summary": summary,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -61,11 +61,17 @@ def _saelens_model(build_ortho_steps: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", default=f"1,{torch.get_num_threads()}", help="comma-separated torch thread counts for the sampling comparison")
+    ap.add_argument(
+        "--threads",
+        default=f"1,{torch.get_num_threads()}",
+        help="comma-separated torch thread counts for the sampling comparison",
+    )
     ap.add_argument("--build-threads", type=int, default=None, help="torch threads while building (default: torch's)")
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--batches", type=int, default=10, help="timed batches per library and thread count")
-    ap.add_argument("--saelens-ortho-steps", type=int, default=2, help="SAELens orthogonalisation steps to time (0 = skip)")
+    ap.add_argument(
+        "--saelens-ortho-steps", type=int, default=2, help="SAELens orthogonalisation steps to time (0 = skip)"
+    )
     ap.add_argument("--stats-samples", type=int, default=100_000)
     args = ap.parse_args()
     thread_counts = [int(t) for t in args.threads.split(",") if t]
@@ -74,7 +80,9 @@ def main() -> None:
     from saelab.synthetic.orthogonalize import orthogonalize
     from saelab.synthetic.threads import torch_threads
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} default threads; build threads = {args.build_threads or torch.get_num_threads()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} default threads; build threads = {args.build_threads or torch.get_num_threads()}"
+    )
 
     # ---------------------------------------------------------------- builds
     with torch_threads(args.build_threads):
@@ -92,7 +100,9 @@ def main() -> None:
 
             k = args.saelens_ortho_steps
             t0 = time.perf_counter()
-            sl_vecs = orthogonalize_embeddings(theirs.feature_dict.feature_vectors.data, num_steps=k, lr=3e-4, chunk_size=1024)
+            sl_vecs = orthogonalize_embeddings(
+                theirs.feature_dict.feature_vectors.data, num_steps=k, lr=3e-4, chunk_size=1024
+            )
             sl_step = (time.perf_counter() - t0) / k
             our_vecs = orthogonalize(theirs.feature_dict.feature_vectors.data, num_steps=k, lr=3e-4)
             delta = (sl_vecs - our_vecs).abs()
@@ -156,9 +166,15 @@ def main() -> None:
         f"saelab synth-16k true L0 = {st['true_l0']:.2f} ± {st['true_l0_stderr']:.2f} ({st['n_samples']} samples; "
         f"reference {ref['true_l0']})"
     )
-    print(f"saelab synth-16k L0 of first 4096 features = {st['l0_first'][4096]:.2f} (reference {ref['l0_first_width']})")
-    print(f"SAELens same config, {10 * B} samples: true L0 = {statistics.mean(sl_l0):.2f}, first 4096 = {statistics.mean(sl_first):.2f}")
-    print(f"saelab synth-16k mean-max |cos| = {mmc:.4f} (reference {ref['mean_max_abs_cos']}, quoted for the un-orthogonalised vectors)")
+    print(
+        f"saelab synth-16k L0 of first 4096 features = {st['l0_first'][4096]:.2f} (reference {ref['l0_first_width']})"
+    )
+    print(
+        f"SAELens same config, {10 * B} samples: true L0 = {statistics.mean(sl_l0):.2f}, first 4096 = {statistics.mean(sl_first):.2f}"
+    )
+    print(
+        f"saelab synth-16k mean-max |cos| = {mmc:.4f} (reference {ref['mean_max_abs_cos']}, quoted for the un-orthogonalised vectors)"
+    )
 
 
 if __name__ == "__main__":

@@ -68,8 +68,9 @@ def saelab_step(arch: str, d_in: int, d_sae: int, k: float, x: torch.Tensor):
             make_sparse(sae.W_enc_DL, sae.b_enc_L, getattr(sae, "threshold_L", None), x, k)
             coefficients = {"l1": 1.0, "l0": 1.0}
     opt = torch.optim.Adam(sae.parameters(), lr=3e-4, fused=True)
-    ctx = StepContext(step=0, total_steps=1, coefficients=coefficients,
-                      dead_mask_L=torch.zeros(d_sae, dtype=torch.bool))
+    ctx = StepContext(
+        step=0, total_steps=1, coefficients=coefficients, dead_mask_L=torch.zeros(d_sae, dtype=torch.bool)
+    )
 
     def step():
         out = sae.train_forward(x, ctx)
@@ -94,7 +95,10 @@ def saelens_step(arch: str, d_in: int, d_sae: int, k: float, x: torch.Tensor):
     coefficients = {}
     if arch == "matryoshka":
         cfg = MatryoshkaBatchTopKTrainingSAEConfig(
-            d_in=d_in, d_sae=d_sae, k=k, matryoshka_widths=default_matryoshka_widths(d_sae),
+            d_in=d_in,
+            d_sae=d_sae,
+            k=k,
+            matryoshka_widths=default_matryoshka_widths(d_sae),
             use_matryoshka_aux_loss=True,
         )
         sae = MatryoshkaBatchTopKTrainingSAE(cfg)
@@ -109,16 +113,25 @@ def saelens_step(arch: str, d_in: int, d_sae: int, k: float, x: torch.Tensor):
     elif arch == "jumprelu":
         from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 
-        sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
-            d_in=d_in, d_sae=d_sae, jumprelu_sparsity_loss_mode="step", jumprelu_bandwidth=JUMPRELU_BANDWIDTH))
+        sae = JumpReLUTrainingSAE(
+            JumpReLUTrainingSAEConfig(
+                d_in=d_in, d_sae=d_sae, jumprelu_sparsity_loss_mode="step", jumprelu_bandwidth=JUMPRELU_BANDWIDTH
+            )
+        )
         make_sparse(sae.W_enc, sae.b_enc, sae.threshold, x, k)
         coefficients = {"l0": 1.0}
     elif arch == "matching_pursuit":
         from sae_lens.saes.matching_pursuit_sae import MatchingPursuitTrainingSAE, MatchingPursuitTrainingSAEConfig
 
-        sae = MatchingPursuitTrainingSAE(MatchingPursuitTrainingSAEConfig(
-            d_in=d_in, d_sae=d_sae, residual_threshold=0.0, max_iterations=int(round(k)),
-            stop_on_duplicate_support=False))
+        sae = MatchingPursuitTrainingSAE(
+            MatchingPursuitTrainingSAEConfig(
+                d_in=d_in,
+                d_sae=d_sae,
+                residual_threshold=0.0,
+                max_iterations=int(round(k)),
+                stop_on_duplicate_support=False,
+            )
+        )
     else:
         raise SystemExit(f"no SAELens counterpart for {arch!r}")
     opt = torch.optim.Adam(sae.parameters(), lr=3e-4)
@@ -149,9 +162,11 @@ def main() -> None:
         k = float(k)
         x = torch.randn(args.batch_size, d_in)
         W = torch.randn(d_in, d_sae)
-        gemm = _time(lambda: x @ W, args.steps)
+        gemm = _time(lambda x=x, W=W: x @ W, args.steps)
         gemm_flops = 2 * args.batch_size * d_in * d_sae / gemm
-        print(f"\n{d_in} -> {d_sae}, k={k:g}: dense encoder matmul {gemm * 1e3:.1f} ms = {gemm_flops / 1e9:.0f} GFLOP/s")
+        print(
+            f"\n{d_in} -> {d_sae}, k={k:g}: dense encoder matmul {gemm * 1e3:.1f} ms = {gemm_flops / 1e9:.0f} GFLOP/s"
+        )
         for arch in args.archs.split(","):
             ours = _time(saelab_step(arch, d_in, d_sae, k, x), args.steps)
             try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from saelab.saes import SAE, SAEConfig, StepContext, StepOutput, register_sae
+from saelab.saes import SAE, AutotuneTarget, SAEConfig, StepContext, StepOutput, register_sae
 from saelab.saes.base import mse_per_sample
 
 
@@ -33,9 +33,8 @@ class TanhSAE(SAE):
     def config_for_l0(cls, d_in, d_sae, l0, total_steps, **overrides):
         return TanhSAEConfig(**{"d_in": d_in, "d_sae": d_sae, "target_l0": l0, **overrides})
 
-    @property
-    def autotuned_coefficient(self) -> str | None:
-        return "tanh"
+    def autotune_target(self) -> AutotuneTarget | None:
+        return None if self.cfg.target_l0 is None else AutotuneTarget("tanh", self.cfg.target_l0)
 
     def coefficient_names(self):
         return {"tanh": (self.cfg.tanh_coefficient, 0)}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs Debian's headless-capable `chromium` for the report's browser tests (tests/report/test_report_browser.py).
+# Installs Debian's headless-capable `chromium` for the report's browser tests (tests/report/test_browser.py).
 # Idempotent: does nothing when Chromium is already there, or when SAELAB_SKIP_BROWSER=1 (those tests then skip).
 set -euo pipefail
 

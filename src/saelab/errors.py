@@ -24,7 +24,19 @@ class FileFormatError(SaelabError, ValueError):
 
 
 class TrainingDivergedError(SaelabError, RuntimeError):
-    """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
+    """The loss became NaN or infinite, or exploded; training stopped and the last good checkpoint was kept."""
+
+
+class TrainingInterrupted(SaelabError):
+    """SIGINT or SIGTERM stopped training after a checkpoint was saved; `exit_code` is 130 or 143."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        self.exit_code = exit_code
+        super().__init__(message)
+
+
+class OutputError(SaelabError, OSError):
+    """An output could not be written: the disk is full or the folder read-only. Names the path."""
 
 
 def require(condition: bool, field: str, value: Any, reason: str) -> None:

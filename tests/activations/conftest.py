@@ -22,8 +22,15 @@ def _build(tmp_path_factory, arch: str) -> Path:
     from saelab.activations.tiny import build_tiny_causal_lm
 
     lines = [line for line in CORPUS.read_text().splitlines() if line.strip()]
-    return build_tiny_causal_lm(tmp_path_factory.mktemp(f"tiny_{arch}") / "model", lines, arch=arch, d_model=32,
-                                n_layers=3, context_size=64, seed=0)
+    return build_tiny_causal_lm(
+        tmp_path_factory.mktemp(f"tiny_{arch}") / "model",
+        lines,
+        arch=arch,
+        d_model=32,
+        n_layers=3,
+        context_size=64,
+        seed=0,
+    )
 
 
 @pytest.fixture(scope="session")

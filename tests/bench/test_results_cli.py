@@ -23,8 +23,19 @@ import saelab.cli.results  # noqa: E402,F401  (registers `results` if _register 
 from saelab.cli import app  # noqa: E402
 
 runner = CliRunner()
-JSON_KEYS = {"arch", "l0_target", "seed", "f1", "mcc", "explained_variance", "l0", "dead_latents", "wall_seconds",
-             "status", "run_id"}
+JSON_KEYS = {
+    "arch",
+    "l0_target",
+    "seed",
+    "f1",
+    "mcc",
+    "explained_variance",
+    "l0",
+    "dead_latents",
+    "wall_seconds",
+    "status",
+    "run_id",
+}
 
 
 def invoke(*args, **kw):
@@ -38,10 +49,14 @@ def store_path(tmp_path):
     env = {"config": {"samples": 100}, "config_hash": "h", "commit": "abc"}
     for arch, l0, seed, f1 in [("batchtopk", 20, 0, 0.8), ("batchtopk", 20, 1, 0.84), ("matryoshka", 25, 0, 0.9)]:
         run_id = store.start_run("16k", arch, l0, seed, env)
-        store.finish_run(run_id, {"f1": f1, "mcc": 0.7, "explained_variance": 0.79, "l0": float(l0),
-                                  "dead_latents": 2, "uniqueness": 0.98}, wall_seconds=12.5)
-    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                                  capture_output=True, text=True).stdout)
+        store.finish_run(
+            run_id,
+            {"f1": f1, "mcc": 0.7, "explained_variance": 0.79, "l0": float(l0), "dead_latents": 2, "uniqueness": 0.98},
+            wall_seconds=12.5,
+        )
+    dead_pid = int(
+        subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    )
     store.start_run("16k", "standard", 20, 0, env, pid=dead_pid)  # killed part-way
     failed = store.start_run("mini", "topk", 10, 0, env)
     store.fail_run(failed, "boom")
@@ -62,8 +77,9 @@ def test_list_runs_json(store_path):
 
     result = invoke("results", "--store", str(store_path), "--json", "--status", "incomplete")
     assert [r["arch"] for r in json_lines(result.output)] == ["standard"]
-    result = invoke("results", "--store", str(store_path), "--json", "--arch", "batchtopk", "--l0", "20",
-                    "--protocol", "16k")
+    result = invoke(
+        "results", "--store", str(store_path), "--json", "--arch", "batchtopk", "--l0", "20", "--protocol", "16k"
+    )
     assert [r["seed"] for r in json_lines(result.output)] == [0, 1]
     result = invoke("results", "--store", str(store_path), "--json", "--since", "2999-01-01")
     assert result.exit_code == 0 and json_lines(result.output) == []
@@ -117,15 +133,26 @@ def test_export_csv_json_md(store_path, tmp_path):
     assert [float(r["f1"]) for r in rows] == [0.8, 0.84, 0.9]
 
     out = tmp_path / "board.json"
-    result = invoke("results", "export", "--store", str(store_path), "--format", "json", "--out", str(out),
-                    "--leaderboard", "--no-reference")
+    result = invoke(
+        "results",
+        "export",
+        "--store",
+        str(store_path),
+        "--format",
+        "json",
+        "--out",
+        str(out),
+        "--leaderboard",
+        "--no-reference",
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert doc["kind"] == "leaderboard" and [r["arch"] for r in doc["rows"]] == ["matryoshka", "batchtopk"]
 
     out = tmp_path / "board.md"
-    result = invoke("results", "export", "--store", str(store_path), "--format", "md", "--out", str(out),
-                    "--leaderboard")
+    result = invoke(
+        "results", "export", "--store", str(store_path), "--format", "md", "--out", str(out), "--leaderboard"
+    )
     assert result.exit_code == 0, result.output
     assert out.read_text().splitlines()[0].startswith("| source |")
 
@@ -135,14 +162,16 @@ def test_export_csv_json_md(store_path, tmp_path):
 
 def test_plot(store_path, tmp_path):
     out = tmp_path / "plot.png"
-    result = invoke("results", "plot", "--store", str(store_path), "--out", str(out), "--protocol", "16k",
-                    "--reference")
+    result = invoke(
+        "results", "plot", "--store", str(store_path), "--out", str(out), "--protocol", "16k", "--reference"
+    )
     assert result.exit_code == 0, result.output
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
 
-    result = invoke("results", "plot", "--store", str(store_path), "--out", str(tmp_path / "p.png"),
-                    "--protocol", "nope")
+    result = invoke(
+        "results", "plot", "--store", str(store_path), "--out", str(tmp_path / "p.png"), "--protocol", "nope"
+    )
     assert isinstance(result.exception, ConfigError) and result.exception.field == "protocol"
     result = invoke("results", "plot", "--store", str(store_path), "--out", str(tmp_path / "p.jpg"))
     assert isinstance(result.exception, ConfigError) and result.exception.field == "out"

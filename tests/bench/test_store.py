@@ -36,19 +36,44 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def env(config=None):
     config = config or {"samples": 1000}
-    return {"config": config, "config_hash": "h" * 16, "saelab_version": "0.1.0", "commit": "abc123",
-            "hardware": {"device": "cpu", "cpu_count": 2}, "time": "2026-01-01T00:00:00+00:00"}
+    return {
+        "config": config,
+        "config_hash": "h" * 16,
+        "saelab_version": "0.1.0",
+        "commit": "abc123",
+        "hardware": {"device": "cpu", "cpu_count": 2},
+        "time": "2026-01-01T00:00:00+00:00",
+    }
 
 
 def metrics(f1, mcc=0.7, **extra):
-    return {"f1": f1, "precision": 0.8, "recall": 0.6, "accuracy": 0.99, "mcc": mcc, "uniqueness": 0.95,
-            "explained_variance": 0.8, "shrinkage": 0.97, "l0": 12.3, "true_l0": 11.0, "dead_latents": 4,
-            "mse": 0.1, "samples_per_second": 1e5, **extra}
+    return {
+        "f1": f1,
+        "precision": 0.8,
+        "recall": 0.6,
+        "accuracy": 0.99,
+        "mcc": mcc,
+        "uniqueness": 0.95,
+        "explained_variance": 0.8,
+        "shrinkage": 0.97,
+        "l0": 12.3,
+        "true_l0": 11.0,
+        "dead_latents": 4,
+        "mse": 0.1,
+        "samples_per_second": 1e5,
+        **extra,
+    }
 
 
 def run_python(code: str, *args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": SRC}, timeout=60, **kw)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SRC},
+        timeout=60,
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -105,12 +130,15 @@ def test_fail_run_and_invalid_transitions(store):
     assert store.leaderboard("mini") == []
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(protocol="", arch="topk", l0_target=10, seed=0), "protocol"),
-    (dict(protocol="mini", arch="topk", l0_target=-1, seed=0), "l0_target"),
-    (dict(protocol="mini", arch="topk", l0_target=float("nan"), seed=0), "l0_target"),
-    (dict(protocol="mini", arch="topk", l0_target=10, seed=1.5), "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(protocol="", arch="topk", l0_target=10, seed=0), "protocol"),
+        (dict(protocol="mini", arch="topk", l0_target=-1, seed=0), "l0_target"),
+        (dict(protocol="mini", arch="topk", l0_target=float("nan"), seed=0), "l0_target"),
+        (dict(protocol="mini", arch="topk", l0_target=10, seed=1.5), "seed"),
+    ],
+)
 def test_start_run_validates(store, kwargs, field):
     with pytest.raises(ConfigError) as err:
         store.start_run(envelope=env(), **kwargs)
@@ -181,8 +209,11 @@ def test_leaderboard_mean_and_sample_sd(store):
 
 
 def test_summary_helper_and_format():
-    rows = [{"f1": 0.5, "mcc": 0.6, "status": "complete"}, {"metrics": {"f1": 0.7, "mcc": 0.8}},
-            {"f1": 0.99, "status": "incomplete"}]  # the incomplete row never counts
+    rows = [
+        {"f1": 0.5, "mcc": 0.6, "status": "complete"},
+        {"metrics": {"f1": 0.7, "mcc": 0.8}},
+        {"f1": 0.99, "status": "incomplete"},
+    ]  # the incomplete row never counts
     s = summary(rows, metrics=("f1", "mcc", "l0"))
     assert s["n"] == 2 and s["f1_mean"] == pytest.approx(0.6) and s["f1_sd"] == pytest.approx(_sample_sd([0.5, 0.7]))
     assert s["l0_mean"] is None and s["f1_best"] == 0.7
@@ -212,8 +243,12 @@ time.sleep(60)
 
 def test_killed_run_is_incomplete_never_a_result(store):
     _add(store, "batchtopk", 12, 0, 0.5, 0.7)
-    proc = subprocess.Popen([sys.executable, "-c", START_AND_HANG, str(store.path)], stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": SRC})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", START_AND_HANG, str(store.path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
     try:
         run_id = int(proc.stdout.readline())
         assert store.get_run(run_id)["status"] == "running"  # alive: genuinely running
@@ -271,9 +306,15 @@ for seed in range(n):
 
 def test_two_processes_writing_at_once_lose_nothing(tmp_path):
     path, go, n = tmp_path / "shared.sqlite", tmp_path / "go", 100
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(w), str(n), str(go)],
-                              env={**os.environ, "PYTHONPATH": SRC}, stderr=subprocess.PIPE, text=True)
-             for w in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path), str(w), str(n), str(go)],
+            env={**os.environ, "PYTHONPATH": SRC},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for w in range(2)
+    ]
     # Start only once both have imported and opened the store: on a loaded machine imports alone can
     # take seconds, and a writer that finished before the other started would prove nothing.
     deadline = time.monotonic() + 120
@@ -398,8 +439,11 @@ def test_export_leaderboard_parse_back(filled, tmp_path):
     btk = next(r for r in parsed if r["source"] == "saelab" and r["arch"] == "batchtopk")
     assert float(btk["f1_mean"]) == pytest.approx(0.6) and float(btk["f1_sd"]) == pytest.approx(_sample_sd([0.5, 0.7]))
     assert int(btk["n_seeds"]) == 2
-    mp = next(r for r in parsed if r["source"] == "published" and r["arch"] == "matching_pursuit"
-              and float(r["l0_target"]) == 25)
+    mp = next(
+        r
+        for r in parsed
+        if r["source"] == "published" and r["arch"] == "matching_pursuit" and float(r["l0_target"]) == 25
+    )
     assert float(mp["f1_mean"]) == 0.4464 and mp["n_seeds"] == "" and mp["citation"] == REFERENCE_CITATION
 
     export_leaderboard(board, tmp_path / "board.json", "json")

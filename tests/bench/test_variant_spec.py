@@ -13,7 +13,9 @@ _spec.loader.exec_module(variants)
 
 def test_list_values_stay_whole():
     assert variants.parse_variant("inner=inner_loss_multipliers:[0.5,0.5,0.5],tilt:0") == (
-        "inner", {"inner_loss_multipliers": [0.5, 0.5, 0.5], "tilt": 0})
+        "inner",
+        {"inner_loss_multipliers": [0.5, 0.5, 0.5], "tilt": 0},
+    )
 
 
 def test_values_parse_as_json_else_string_and_base_suffix_is_kept():

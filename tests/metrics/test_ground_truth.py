@@ -140,7 +140,13 @@ def test_matches_saelens_reference_calculators(fakes):
     cls = ref.ClassificationMetricsCalculator(W, feats)
     cls.add_batch(f, a)
     c = cls.compute()
-    ev, sh, l0, tl0, dead = RefEV(), ref.ShrinkageCalculator(), ref.L0Calculator(), ref.L0Calculator(), ref.DeadLatentsCalculator(12)
+    ev, sh, l0, tl0, dead = (
+        RefEV(),
+        ref.ShrinkageCalculator(),
+        ref.L0Calculator(),
+        ref.L0Calculator(),
+        ref.DeadLatentsCalculator(12),
+    )
     ev.add_batch(x_hat, x)
     sh.add_batch(x_hat, x)
     l0.add_batch(f)

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 
-
 @pytest.fixture(scope="session")
 def report_model_dir(tiny_synthetic_model_dir) -> Path:
     return tiny_synthetic_model_dir
@@ -16,10 +15,18 @@ def report_model_dir(tiny_synthetic_model_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def report_run_dir(report_model_dir, tmp_path_factory) -> Path:
-    from saelab.training.run import RunConfig, run_training
+    from saelab.runs import RunConfig, run_training
 
-    cfg = RunConfig(data=str(report_model_dir), arch=["batchtopk", "matryoshka"], l0=[2, 3, 4], width=32,
-                    samples=40_000, batch_size=256, lr=3e-3, eval_samples=8_000)
+    cfg = RunConfig(
+        data=str(report_model_dir),
+        arch=["batchtopk", "matryoshka"],
+        l0=[2, 3, 4],
+        width=32,
+        samples=40_000,
+        batch_size=256,
+        lr=3e-3,
+        eval_samples=8_000,
+    )
     run_dir = tmp_path_factory.mktemp("report-run") / "run"
     run_training(cfg, run_dir, progress=False)
     return run_dir
@@ -31,10 +38,26 @@ def report_store(report_model_dir, tmp_path_factory) -> Path:
     from saelab.bench.runner import BenchRequest, run_bench
     from saelab.bench.store import ResultsStore
 
-    proto = Protocol(name="tiny", data=str(report_model_dir), width=32, samples=30_000, batch_size=256, lr=3e-3,
-                     l0_sweep=(2, 4), natural_l0=3, seeds=2, eval_samples=4_000, lr_decay_fraction=1 / 3)
+    proto = Protocol(
+        name="tiny",
+        data=str(report_model_dir),
+        width=32,
+        samples=30_000,
+        batch_size=256,
+        lr=3e-3,
+        l0_sweep=(2, 4),
+        natural_l0=3,
+        seeds=2,
+        eval_samples=4_000,
+        lr_decay_fraction=1 / 3,
+    )
     root = tmp_path_factory.mktemp("report-bench")
     store = ResultsStore(root / "results.sqlite")
-    run_bench(BenchRequest(protocol=proto, archs=["batchtopk", "matryoshka"], l0s=[2, 4], seeds=[0, 1],
-                           out_dir=root / "bench"), store=store, progress=False)
+    run_bench(
+        BenchRequest(
+            protocol=proto, archs=["batchtopk", "matryoshka"], l0s=[2, 4], seeds=[0, 1], out_dir=root / "bench"
+        ),
+        store=store,
+        progress=False,
+    )
     return store.path

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from saelab.errors import ConfigError
-from saelab.saes.base import StepContext, get_sae_class
+from saelab.saes.base import StepContext
 from saelab.saes.jumprelu import JumpReLUSAE, JumpReLUSAEConfig, jumprelu, step
+from saelab.saes.registry import get_sae_class
 
 # Bandwidth 0.05, θ = 0.1: (x − θ)/ε = [8, 0.4, −0.2, −1] -> only 0.12 and 0.09 are inside the window.
 X_STE = torch.tensor([[0.5, 0.12, 0.09, 0.05]], dtype=torch.float64)
@@ -258,7 +259,11 @@ def test_config_errors_name_the_field(field, kwargs):
 
 def test_defaults_match_saelens():
     cfg = JumpReLUSAEConfig(d_in=2, d_sae=8)
-    assert (cfg.jumprelu_init_threshold, cfg.jumprelu_bandwidth, cfg.jumprelu_sparsity_loss_mode) == (0.01, 0.05, "step")
+    assert (cfg.jumprelu_init_threshold, cfg.jumprelu_bandwidth, cfg.jumprelu_sparsity_loss_mode) == (
+        0.01,
+        0.05,
+        "step",
+    )
     assert (cfg.l0_coefficient, cfg.l0_warm_up_steps, cfg.pre_act_loss_coefficient) == (1.0, 0, None)
     assert (cfg.jumprelu_tanh_scale, cfg.jumprelu_ste_to_input, cfg.target_l0) == (4.0, False, None)
 

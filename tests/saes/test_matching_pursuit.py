@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from saelab.errors import ConfigError
-from saelab.saes.base import StepContext, get_sae_class, mse_per_sample
+from saelab.saes.base import StepContext, mse_per_sample
 from saelab.saes.matching_pursuit import MatchingPursuitSAE, MatchingPursuitSAEConfig
+from saelab.saes.registry import get_sae_class
 
 
 def _sae(W_dec_LD: torch.Tensor, b_dec_D: torch.Tensor | None = None, **cfg) -> MatchingPursuitSAE:
@@ -238,13 +239,17 @@ def test_without_b_dec_on_input_b_dec_is_not_added():
     x = torch.randn(3, 4)
     acts = sae.encode(x)
     torch.testing.assert_close(sae.decode(acts), acts @ sae.W_dec_LD)
-    torch.testing.assert_close(sae.train_forward(x, StepContext(0, 1)).x_hat_BD, acts @ sae.W_dec_LD, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        sae.train_forward(x, StepContext(0, 1)).x_hat_BD, acts @ sae.W_dec_LD, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_to_inference_folds_input_scale_and_threshold():
     torch.manual_seed(7)
     sae = MatchingPursuitSAE(
-        MatchingPursuitSAEConfig(d_in=5, d_sae=15, residual_threshold=0.2, normalize_activations="expected_average_only_in")
+        MatchingPursuitSAEConfig(
+            d_in=5, d_sae=15, residual_threshold=0.2, normalize_activations="expected_average_only_in"
+        )
     )
     sae.input_scale.fill_(4.0)
     with torch.no_grad():
@@ -264,9 +269,7 @@ def test_fold_W_dec_norm_refuses():
         sae.fold_W_dec_norm()
 
 
-@pytest.mark.parametrize(
-    "field,value", [("residual_threshold", -0.1), ("max_iterations", 0), ("max_iterations", 2.5)]
-)
+@pytest.mark.parametrize("field,value", [("residual_threshold", -0.1), ("max_iterations", 0), ("max_iterations", 2.5)])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ConfigError) as err:
         MatchingPursuitSAEConfig(d_in=3, d_sae=4, **{field: value})

@@ -4,18 +4,12 @@ import math
 import pytest
 import torch
 
-import saelab.saes.recipe  # registers "recipe" and "multi_l0"
+import saelab.saes.kernels
 from saelab.errors import ConfigError
 from saelab.saes import StepContext, get_sae_class
-from saelab.saes.base import SparseActs
-from saelab.saes.recipe import (
-    MultiL0SAE,
-    RecipeSAE,
-    RecipeSAEConfig,
-    gather_matmul,
-    least_squares_values,
-    term_mean,
-)
+from saelab.saes.kernels import SparseActs, gather_matmul, least_squares_values
+from saelab.saes.multi_l0 import MultiL0SAE
+from saelab.saes.recipe import RecipeSAE, RecipeSAEConfig, term_mean
 from saelab.saes.saelens_format import load_sae, save_sae
 from saelab.saes.topk_family import select_batch_topk
 
@@ -24,8 +18,15 @@ CTX = StepContext(step=0, total_steps=1)
 
 def _recipe(dtype="float64", seed=0, **overrides) -> RecipeSAE:
     torch.manual_seed(seed)
-    cfg = {"d_in": 12, "d_sae": 48, "k": 5, "matryoshka_widths": [4, 16], "aux_loss_coefficient": 0.0,
-           "dtype": dtype, **overrides}
+    cfg = {
+        "d_in": 12,
+        "d_sae": 48,
+        "k": 5,
+        "matryoshka_widths": [4, 16],
+        "aux_loss_coefficient": 0.0,
+        "dtype": dtype,
+        **overrides,
+    }
     sae = RecipeSAE(RecipeSAEConfig(**cfg))
     with torch.no_grad():
         sae.b_dec_D.normal_(std=0.3)
@@ -43,7 +44,8 @@ def _dense_reference(sae: RecipeSAE, x, selections, rank_L):
     scores = (x_tilde @ sae.W_enc_DL + sae.b_enc_L) * norms
     for t, (b, l) in enumerate(selections):
         torch.testing.assert_close(  # the dense computation picks the same entries
-            torch.stack(select_batch_topk(scores.detach(), sae.current_k(CTX))), torch.stack([b, l]), rtol=0, atol=0)
+            torch.stack(select_batch_topk(scores.detach(), sae.current_k(CTX))), torch.stack([b, l]), rtol=0, atol=0
+        )
         mask = torch.zeros_like(scores, dtype=torch.bool)
         mask[b, l] = True
         z = torch.where(mask, scores, torch.zeros_like(scores))
@@ -71,8 +73,10 @@ def _dense_reference(sae: RecipeSAE, x, selections, rank_L):
     return loss
 
 
-@pytest.mark.parametrize("ista_steps,learn_eta,detach", [(1, False, True), (1, True, True), (2, False, False),
-                                                          (2, True, True), (0, False, True)])
+@pytest.mark.parametrize(
+    "ista_steps,learn_eta,detach",
+    [(1, False, True), (1, True, True), (2, False, False), (2, True, True), (0, False, True)],
+)
 def test_ista_sparse_backward_matches_dense_autograd(ista_steps, learn_eta, detach):
     sae = _recipe(ista_steps=ista_steps, learn_eta=learn_eta, detach_inner=detach, tilt=0.5)
     with torch.no_grad():
@@ -222,11 +226,17 @@ def test_inference_equals_training_selection_when_thresholds_are_the_batch_cut(i
 
 def test_training_thresholds_track_each_steps_minimum():
     sae = _recipe(ista_steps=2, topk_threshold_lr=0.5)
-    x = torch.randn(32, 12, dtype=torch.float64)
-    trace = sae.ista(x, lambda s, t: sae.select(s, None), grad=False)
-    sae.train_forward(x, CTX)
-    expected = torch.stack([0.5 * a.values.min() for a in trace.steps])
-    torch.testing.assert_close(sae.ista_thresholds, expected)
+    x1, x2 = torch.randn(32, 12, dtype=torch.float64), torch.randn(32, 12, dtype=torch.float64)
+    mins = [
+        torch.stack([a.values.min() for a in sae.ista(x, lambda s, t: sae.select(s, None), grad=False).steps])
+        for x in (x1, x2)
+    ]
+    sae.train_forward(x1, CTX)
+    # Bias-corrected EMA: the first observation is taken as is (a plain EMA from 0 would give half of it).
+    torch.testing.assert_close(sae.ista_thresholds, mins[0])
+    sae.train_forward(x2, CTX)
+    # Raw EMA 0.25·m1 + 0.5·m2 divided by its weight 1 − 0.5² = 0.75.
+    torch.testing.assert_close(sae.ista_thresholds, (0.25 * mins[0] + 0.5 * mins[1]) / 0.75)
     assert float(sae.topk_threshold) == float(sae.ista_thresholds[-1])
 
 
@@ -260,11 +270,25 @@ def test_leave_one_out_removes_a_redundant_latent():
 
 def test_config_errors_name_the_field():
     base = dict(d_in=8, d_sae=32, k=4)
-    for field, value in [("ista_eta", 0.0), ("ista_eta", -1.0), ("ista_steps", -1), ("k_initial", 3.0),
-                         ("k_initial", 64.0), ("k_anneal_fraction", 0.0), ("k_anneal_fraction", 1.5),
-                         ("k_anneal_shape", "exp"), ("frequency_ema", 1.0), ("tilt", -0.1), ("loo_scale", -1.0),
-                         ("ista_residual", "omp"), ("ls_ridge", 0.0), ("ksvd_every", -1), ("ksvd_every", 1.5),
-                         ("ksvd_rate", 0.0), ("ksvd_rate", 1.5)]:
+    for field, value in [
+        ("ista_eta", 0.0),
+        ("ista_eta", -1.0),
+        ("ista_steps", -1),
+        ("k_initial", 3.0),
+        ("k_initial", 64.0),
+        ("k_anneal_fraction", 0.0),
+        ("k_anneal_fraction", 1.5),
+        ("k_anneal_shape", "exp"),
+        ("frequency_ema", 1.0),
+        ("tilt", -0.1),
+        ("loo_scale", -1.0),
+        ("ista_residual", "omp"),
+        ("ls_ridge", 0.0),
+        ("ksvd_every", -1),
+        ("ksvd_every", 1.5),
+        ("ksvd_rate", 0.0),
+        ("ksvd_rate", 1.5),
+    ]:
         with pytest.raises(ConfigError, match=field):
             RecipeSAEConfig(**base, **{field: value})
     with pytest.raises(ConfigError, match="k_low"):
@@ -289,8 +313,14 @@ def test_use_matryoshka_false_is_plain_batchtopk_levels():
 
 @pytest.mark.parametrize("ista_steps", [1, 2])
 def test_aux_loss_on_refined_preacts_matches_dense_autograd(ista_steps):
-    sae = _recipe(aux_loss_coefficient=0.8, ista_steps=ista_steps, learn_eta=True, use_matryoshka_aux_loss=False,
-                  tilt=0.0, use_matryoshka=False)
+    sae = _recipe(
+        aux_loss_coefficient=0.8,
+        ista_steps=ista_steps,
+        learn_eta=True,
+        use_matryoshka_aux_loss=False,
+        tilt=0.0,
+        use_matryoshka=False,
+    )
     dead = torch.zeros(48, dtype=torch.bool)
     dead[::3] = True  # 16 dead latents, k_aux = d_in // 2 = 6
     x = torch.randn(32, 12, dtype=torch.float64)
@@ -337,13 +367,16 @@ def test_aux_loss_uses_refined_preacts_and_trains_dead_latents():
     assert out.losses["aux"].item() > 0
 
 
-@pytest.mark.parametrize("overrides", [
-    {"ista_steps": 1, "normalize_activations": "expected_average_only_in"},
-    {"ista_steps": 2, "learn_eta": True},
-    {"ista_steps": 0, "leave_one_out": True, "normalize_activations": "expected_average_only_in"},
-    {"ista_steps": 1, "leave_one_out": True, "loo_scale": 0.5},
-    {"ista_steps": 1, "ista_residual": "least_squares", "ksvd_every": 2},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"ista_steps": 1, "normalize_activations": "expected_average_only_in"},
+        {"ista_steps": 2, "learn_eta": True},
+        {"ista_steps": 0, "leave_one_out": True, "normalize_activations": "expected_average_only_in"},
+        {"ista_steps": 1, "leave_one_out": True, "loo_scale": 0.5},
+        {"ista_steps": 1, "ista_residual": "least_squares", "ksvd_every": 2},
+    ],
+)
 def test_save_load_roundtrip(tmp_path, overrides):
     sae = _recipe(dtype="float32", **overrides)
     x = torch.randn(64, 12) * 3
@@ -355,6 +388,8 @@ def test_save_load_roundtrip(tmp_path, overrides):
             sae.train_forward(x, CTX)
     inference = sae.to_inference()
     assert type(inference) is RecipeSAE and not inference.cfg.rescale_acts_by_decoder_norm
+    # Fresh inputs: the thresholds are cuts of x's own scores, so on x one entry per step sits exactly at θ.
+    x = torch.randn(64, 12) * 3
     expected = inference(x)
     torch.testing.assert_close(sae(x), expected, rtol=1e-4, atol=1e-4)
     assert sae.encode(x).count_nonzero() > 0
@@ -373,6 +408,7 @@ def test_plain_recipe_saves_as_jumprelu(tmp_path):
     sae.train_forward(x, CTX)
     save_sae(sae, tmp_path / "s")
     assert json.loads((tmp_path / "s" / "cfg.json").read_text())["architecture"] == "jumprelu"
+    x = torch.randn(64, 12)  # fresh: θ is a cut of the training batch's own scores
     torch.testing.assert_close(load_sae(tmp_path / "s")(x), sae(x), rtol=1e-5, atol=1e-5)
 
 
@@ -389,8 +425,19 @@ def test_bf16_autocast_step_runs():
 # ----- multi_l0 -----------------------------------------------------------------------------------
 def _multi(**overrides) -> MultiL0SAE:
     torch.manual_seed(0)
-    sae = MultiL0SAE(MultiL0SAE.config_class(**{"d_in": 12, "d_sae": 48, "k_high": 6, "k_low": 2,
-                                                "aux_loss_coefficient": 0.0, "dtype": "float64", **overrides}))
+    sae = MultiL0SAE(
+        MultiL0SAE.config_class(
+            **{
+                "d_in": 12,
+                "d_sae": 48,
+                "k_high": 6,
+                "k_low": 2,
+                "aux_loss_coefficient": 0.0,
+                "dtype": "float64",
+                **overrides,
+            }
+        )
+    )
     with torch.no_grad():
         sae.W_dec_LD.mul_(torch.rand(48, 1, dtype=torch.float64) + 0.5)
         sae.b_dec_D.normal_(std=0.3)
@@ -448,7 +495,7 @@ def test_saelens_loads_the_plain_recipe_as_jumprelu(tmp_path):
 
 
 def test_ablation_variants_remove_exactly_one_component(tmp_path):
-    from saelab.saes.base import ablation_names
+    from saelab.saes.registry import ablation_names
 
     names = ablation_names("recipe")
     assert names == [f"recipe-no_{c}" for c in RecipeSAE.ablations]
@@ -470,14 +517,22 @@ def test_ablation_variants_remove_exactly_one_component(tmp_path):
 
 
 def test_recipe_brings_its_own_lr_decay_to_the_trainer():
-    from saelab.training.sources import TensorSource
+    from saelab.data import TensorSource
     from saelab.training.trainer import TrainConfig, Trainer
 
     cls = get_sae_class("recipe")
-    saes = {"full": cls(cls.config_for_l0(8, 16, 2, 10)),
-            "no_decay": get_sae_class("recipe-no_lr_decay")(get_sae_class("recipe-no_lr_decay").config_for_l0(8, 16, 2, 10))}
-    trainer = Trainer(saes, TensorSource(torch.randn(64, 8)), TrainConfig(samples=160, batch_size=16, lr=1e-3, log_every=1),
-                      progress=False)
+    saes = {
+        "full": cls(cls.config_for_l0(8, 16, 2, 10)),
+        "no_decay": get_sae_class("recipe-no_lr_decay")(
+            get_sae_class("recipe-no_lr_decay").config_for_l0(8, 16, 2, 10)
+        ),
+    }
+    trainer = Trainer(
+        saes,
+        TensorSource(torch.randn(64, 8)),
+        TrainConfig(samples=160, batch_size=16, lr=1e-3, log_every=1),
+        progress=False,
+    )
     trainer.train()
     lrs = {n: [h[f"{n}/lr"] for h in trainer.history] for n in saes}
     assert lrs["no_decay"] == [1e-3] * 10
@@ -494,8 +549,17 @@ def test_inner_loss_multipliers_scale_each_inner_level_only(arch):
     for multipliers in (None, [0.25, 3.0]):
         torch.manual_seed(0)
         cls = get_sae_class(arch)
-        sae = cls(cls.config_class(d_in=12, d_sae=48, k=5, matryoshka_widths=[4, 16], aux_loss_coefficient=0.0,
-                                   dtype="float64", inner_loss_multipliers=multipliers))
+        sae = cls(
+            cls.config_class(
+                d_in=12,
+                d_sae=48,
+                k=5,
+                matryoshka_widths=[4, 16],
+                aux_loss_coefficient=0.0,
+                dtype="float64",
+                inner_loss_multipliers=multipliers,
+            )
+        )
         outs[str(multipliers)] = sae.train_forward(x, CTX).losses
     plain, weighted = outs["None"], outs["[0.25, 3.0]"]
     torch.testing.assert_close(weighted["mse"], plain["mse"])
@@ -513,8 +577,17 @@ def test_inner_loss_multipliers_validated(bad):
 def test_leave_one_out_in_training_prunes_the_step_codes(loo_in_training):
     """The redundant-latent toy above, trained on: with loo_in_training the step decodes from the
     pruned codes (L0 2, exact reconstruction); without, from all three BatchTopK selections."""
-    cfg = dict(d_in=2, d_sae=3, k=3, matryoshka_widths=[1], ista_steps=0, dtype="float64", tilt=0.0,
-               aux_loss_coefficient=0.0, loo_in_training=loo_in_training)
+    cfg = dict(
+        d_in=2,
+        d_sae=3,
+        k=3,
+        matryoshka_widths=[1],
+        ista_steps=0,
+        dtype="float64",
+        tilt=0.0,
+        aux_loss_coefficient=0.0,
+        loo_in_training=loo_in_training,
+    )
     sae = RecipeSAE(RecipeSAEConfig(**cfg))
     _set_redundant_toy(sae)
     out = sae.train_forward(torch.tensor([[1.0, 1.0]], dtype=torch.float64), CTX)
@@ -541,7 +614,7 @@ def _random_support(B, L, max_per_sample, seed):
 
 @pytest.mark.parametrize("max_elements", [2**24, 50])  # one batch, or split down to single samples
 def test_least_squares_values_solve_each_samples_normal_equations(monkeypatch, max_elements):
-    monkeypatch.setattr(saelab.saes.recipe, "LS_MAX_SYSTEM_ELEMENTS", max_elements)
+    monkeypatch.setattr(saelab.saes.kernels, "LS_MAX_SYSTEM_ELEMENTS", max_elements)
     torch.manual_seed(0)
     B, L, D, ridge = 9, 20, 8, 1e-3
     U = torch.nn.functional.normalize(torch.randn(L, D, dtype=torch.float64), dim=1).requires_grad_()
@@ -551,8 +624,9 @@ def test_least_squares_values_solve_each_samples_normal_equations(monkeypatch, m
     coef = least_squares_values(x, acts, U, ridge)
     for b in range(B):  # each sample's coefficients: (U_S U_Sᵀ + ridge·I)⁻¹ U_S x_b
         rows = U[latent[batch == b]].detach()
-        expected = torch.linalg.solve(rows @ rows.T + ridge * torch.eye(len(rows), dtype=torch.float64),
-                                      rows @ x[b].detach())
+        expected = torch.linalg.solve(
+            rows @ rows.T + ridge * torch.eye(len(rows), dtype=torch.float64), rows @ x[b].detach()
+        )
         torch.testing.assert_close(coef[batch == b].detach(), expected, rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(lambda x_, U_: least_squares_values(x_, acts, U_, ridge), (x, U))
 
@@ -566,8 +640,7 @@ def test_least_squares_residual_is_orthogonal_to_the_support_and_scores_match_de
     first = trace.steps[0]
     U = (sae.W_dec_LD / sae.W_dec_LD.norm(dim=1, keepdim=True)).detach()
     x_tilde = (x - sae.b_dec_D).detach()
-    fit = SparseActs(first.batch_idx, first.latent_idx,
-                     least_squares_values(x_tilde, first, U, 1e-12).detach(), 16, 48)
+    fit = SparseActs(first.batch_idx, first.latent_idx, least_squares_values(x_tilde, first, U, 1e-12).detach(), 16, 48)
     r = x_tilde - fit.decode_rows(U)
     assert (r @ U.T)[first.batch_idx, first.latent_idx].abs().max() < 1e-9
     norms = sae.W_dec_LD.norm(dim=1).detach()
@@ -577,8 +650,9 @@ def test_least_squares_residual_is_orthogonal_to_the_support_and_scores_match_de
     torch.testing.assert_close(final.values.detach(), expected[final.batch_idx, final.latent_idx])
     final.values.sum().backward()
     # Dense reference with c_LS held constant: every parameter's gradient agrees.
-    W_dec, W_enc, b_enc, b_dec = (p.detach().clone().requires_grad_() for p in
-                                  (sae.W_dec_LD, sae.W_enc_DL, sae.b_enc_L, sae.b_dec_D))
+    W_dec, W_enc, b_enc, b_dec = (
+        p.detach().clone().requires_grad_() for p in (sae.W_dec_LD, sae.W_enc_DL, sae.b_enc_L, sae.b_dec_D)
+    )
     n = W_dec.norm(dim=1)
     xt = x - b_dec
     r_dense = xt - fit.to_dense() @ (W_dec / n[:, None])
@@ -593,8 +667,9 @@ def test_ksvd_update_recovers_the_atoms_of_one_sparse_data_and_keeps_norms():
     approximate-K-SVD step puts every fired direction on its true atom; unfired rows stay as they were."""
     torch.manual_seed(0)
     L, D, B = 6, 5, 40
-    sae = RecipeSAE(RecipeSAEConfig(d_in=D, d_sae=L, k=1, matryoshka_widths=[L], ista_steps=0, dtype="float64",
-                                    ksvd_every=1))
+    sae = RecipeSAE(
+        RecipeSAEConfig(d_in=D, d_sae=L, k=1, matryoshka_widths=[L], ista_steps=0, dtype="float64", ksvd_every=1)
+    )
     true = torch.nn.functional.normalize(torch.randn(L, D, dtype=torch.float64), dim=1)
     with torch.no_grad():
         sae.b_dec_D.zero_()

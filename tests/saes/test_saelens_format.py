@@ -30,8 +30,9 @@ def _trained(arch, normalize="none"):
 
 
 # Matching pursuit's input-scale folding is covered in test_matching_pursuit.
-ROUNDTRIP_CASES = [(a, n) for a in ARCHS for n in ("none", "expected_average_only_in")
-                   if not (a == "matching_pursuit" and n != "none")]
+ROUNDTRIP_CASES = [
+    (a, n) for a in ARCHS for n in ("none", "expected_average_only_in") if not (a == "matching_pursuit" and n != "none")
+]
 
 
 @pytest.mark.parametrize("arch,normalize", ROUNDTRIP_CASES)
@@ -81,7 +82,9 @@ def test_saelens_loads_what_saelab_saves(tmp_path, arch):
 
 
 @pytest.mark.interop
-@pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk", "batchtopk", "matryoshka_batchtopk", "matching_pursuit"])
+@pytest.mark.parametrize(
+    "arch", ["standard", "jumprelu", "topk", "batchtopk", "matryoshka_batchtopk", "matching_pursuit"]
+)
 def test_saelab_loads_what_saelens_saves(tmp_path, arch):
     sae_lens = pytest.importorskip("sae_lens")
     from sae_lens.registry import get_sae_training_class

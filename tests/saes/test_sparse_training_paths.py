@@ -127,7 +127,9 @@ def test_matching_pursuit_gram_updates_match_recomputed_correlations(iterations)
     results = {}
     for gram in (False, True):
         W.grad = None
-        res = matching_pursuit(x, W, residual_threshold=0.0, max_iterations=iterations, stop_on_duplicate_support=False, gram=gram)
+        res = matching_pursuit(
+            x, W, residual_threshold=0.0, max_iterations=iterations, stop_on_duplicate_support=False, gram=gram
+        )
         res.residual_BD.pow(2).sum().backward()
         results[gram] = (res, W.grad.clone())
     (ref, ref_grad), (fast, fast_grad) = results[False], results[True]

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from saelab.errors import ConfigError
-from saelab.saes.base import StepContext, get_sae_class
+from saelab.saes.base import StepContext
+from saelab.saes.registry import get_sae_class
 from saelab.saes.standard import StandardSAE, StandardSAEConfig
 from saelab.training.l0_autotuner import L0Autotuner
 

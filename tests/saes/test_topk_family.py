@@ -75,8 +75,16 @@ def test_batchtopk_threshold_tracks_min_positive_activation():
     x = torch.randn(16, 8)
     out = sae.train_forward(x, StepContext(step=0, total_steps=1))
     acts = sae.encode(x)  # same weights: same selection
-    assert float(sae.topk_threshold) == pytest.approx(0.5 * float(acts[acts > 0].min()), rel=1e-6)
+    # Bias-corrected EMA: the first observation is taken as is (a plain EMA from 0 gives half of it).
+    first = float(acts[acts > 0].min())
+    assert float(sae.topk_threshold) == pytest.approx(first, rel=1e-6)
     assert out.l0.item() == pytest.approx(2.0)
+    x2 = torch.randn(16, 8)
+    sae.train_forward(x2, StepContext(step=1, total_steps=2))
+    acts2 = sae.encode(x2)
+    second = float(acts2[acts2 > 0].min())
+    # Raw EMA 0.25·first + 0.5·second over its weight 1 − 0.5² = 0.75.
+    assert float(sae.topk_threshold) == pytest.approx((0.25 * first + 0.5 * second) / 0.75, rel=1e-6)
 
 
 def test_aux_loss_only_with_dead_latents_and_trains_them():

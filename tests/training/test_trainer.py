@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
+from saelab.data import TensorSource
 from saelab.errors import ConfigError, FileFormatError, TrainingDivergedError
-from saelab.training.sources import TensorSource
-from saelab.training.trainer import TrainConfig, Trainer, build_sae, lr_multiplier
+from saelab.training.trainer import TrainConfig, Trainer, build_sae, lr_multiplier, read_checkpoint
 
 
 def sparse_toy(n=4096, d=16, f=8, p=0.15, seed=0):
@@ -74,7 +74,7 @@ def test_resume_continues_exactly(tmp_path):
     straight = make()
     Trainer(straight, TensorSource(data), cfg, progress=False).train()
 
-    ckpt = tmp_path / "ckpt.pt"
+    ckpt = tmp_path / "ckpt"
     half = TrainConfig(**{**cfg.__dict__})
     first = Trainer(make(), TensorSource(data), half, checkpoint_path=ckpt, progress=False)
     # Stop after 15 steps by training a run whose loop we cut short.
@@ -100,13 +100,19 @@ def test_resume_continues_exactly(tmp_path):
 def test_resume_with_another_config_names_the_field(tmp_path):
     data, _ = sparse_toy(n=256)
     cfg = TrainConfig(samples=64 * 4, batch_size=64, log_every=2)
-    ckpt = tmp_path / "c.pt"
-    Trainer({"a": build_sae("topk", d_in=16, d_sae=8, k=2)}, TensorSource(data), cfg, checkpoint_path=ckpt, progress=False).train()
+    ckpt = tmp_path / "c"
+    Trainer(
+        {"a": build_sae("topk", d_in=16, d_sae=8, k=2)}, TensorSource(data), cfg, checkpoint_path=ckpt, progress=False
+    ).train()
     other = Trainer({"a": build_sae("topk", d_in=16, d_sae=8, k=3)}, TensorSource(data), cfg, progress=False)
     with pytest.raises(ConfigError, match=r"a\.k"):
         other.load_checkpoint(ckpt)
-    other_lr = Trainer({"a": build_sae("topk", d_in=16, d_sae=8, k=2)}, TensorSource(data),
-                       TrainConfig(samples=64 * 4, batch_size=64, lr=1e-3), progress=False)
+    other_lr = Trainer(
+        {"a": build_sae("topk", d_in=16, d_sae=8, k=2)},
+        TensorSource(data),
+        TrainConfig(samples=64 * 4, batch_size=64, lr=1e-3),
+        progress=False,
+    )
     with pytest.raises(ConfigError, match="lr"):
         other_lr.load_checkpoint(ckpt)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
@@ -117,20 +123,30 @@ def test_resume_with_another_config_names_the_field(tmp_path):
 def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
     data, _ = sparse_toy(n=64 * 20)
     data[64 * 12 + 3, 0] = float("nan")  # first seen at step 12
-    ckpt = tmp_path / "ckpt.pt"
+    ckpt = tmp_path / "ckpt"
     cfg = TrainConfig(samples=64 * 20, batch_size=64, checkpoint_every=5, log_every=5)
-    trainer = Trainer({"a": build_sae("batchtopk", d_in=16, d_sae=8, k=2)}, TensorSource(data), cfg,
-                      checkpoint_path=ckpt, progress=False)
+    trainer = Trainer(
+        {"a": build_sae("batchtopk", d_in=16, d_sae=8, k=2)},
+        TensorSource(data),
+        cfg,
+        checkpoint_path=ckpt,
+        progress=False,
+    )
     with pytest.raises(TrainingDivergedError, match="step 12"):
         trainer.train()
-    saved = torch.load(ckpt, weights_only=False)
+    saved = read_checkpoint(ckpt)
     assert saved["step"] == 10
     assert all(torch.isfinite(v).all() for v in saved["saes"]["a"]["state_dict"].values())
 
 
 def test_mismatched_width_is_a_clear_error():
     with pytest.raises(ConfigError, match="d_in"):
-        Trainer({"a": build_sae("topk", d_in=8, d_sae=8, k=2)}, TensorSource(torch.randn(10, 16)), TrainConfig(), progress=False)
+        Trainer(
+            {"a": build_sae("topk", d_in=8, d_sae=8, k=2)},
+            TensorSource(torch.randn(10, 16)),
+            TrainConfig(),
+            progress=False,
+        )
     with pytest.raises(ConfigError, match="lr"):
         TrainConfig(lr=-1.0)
 
@@ -155,7 +171,7 @@ def test_dead_latents_are_tracked_and_only_aux_loss_moves_them():
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys, torch, time
-    from saelab.training.sources import TensorSource
+    from saelab.data import TensorSource
     from saelab.training.trainer import TrainConfig, Trainer, build_sae
     g = torch.Generator().manual_seed(0)
     data = torch.randn(4096, 16, generator=g)
@@ -175,17 +191,23 @@ def test_checkpoint_survives_a_kill_and_resume_matches_uninterrupted_run(tmp_pat
     script = tmp_path / "run.py"
     script.write_text(KILL_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    ckpt = tmp_path / "ckpt.pt"
+    ckpt = tmp_path / "ckpt"
     proc = subprocess.Popen([sys.executable, str(script), str(ckpt), "fresh", str(tmp_path / "killed.pt")], env=env)
     deadline = time.time() + 60
-    while not ckpt.exists() and time.time() < deadline:
+    while not (ckpt / "checkpoint.json").exists() and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt.exists() and not (tmp_path / "killed.pt").exists()
-    subprocess.run([sys.executable, str(script), str(ckpt), "resume", str(tmp_path / "resumed.pt")], env=env, check=True)
-    subprocess.run([sys.executable, str(script), str(tmp_path / "other.pt"), "fresh", str(tmp_path / "straight.pt")], env=env, check=True)
+    subprocess.run(
+        [sys.executable, str(script), str(ckpt), "resume", str(tmp_path / "resumed.pt")], env=env, check=True
+    )
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "other"), "fresh", str(tmp_path / "straight.pt")],
+        env=env,
+        check=True,
+    )
     resumed = torch.load(tmp_path / "resumed.pt")
     straight = torch.load(tmp_path / "straight.pt")
     for key in straight:

@@ -11,7 +11,8 @@ for the next batches overlaps the SAE step on the current one (torch releases th
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -48,7 +49,7 @@ class ShuffleBuffer:
         while n > 0:
             if self.ready_pos >= self.ready_ND.shape[0]:
                 self._refill()
-            chunk_ND = self.ready_ND[self.ready_pos:self.ready_pos + n]
+            chunk_ND = self.ready_ND[self.ready_pos : self.ready_pos + n]
             self.ready_pos += chunk_ND.shape[0]
             n -= chunk_ND.shape[0]
             out.append(chunk_ND)
@@ -56,8 +57,11 @@ class ShuffleBuffer:
 
     def state_dict(self) -> dict[str, Any]:
         # The buffered rows themselves: resuming from the producer's position alone would skip them.
-        return {"kept": self.kept_ND.clone(), "ready": self.ready_ND[self.ready_pos:].clone(),
-                "generator": self.generator.get_state()}
+        return {
+            "kept": self.kept_ND.clone(),
+            "ready": self.ready_ND[self.ready_pos :].clone(),
+            "generator": self.generator.get_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.kept_ND, self.ready_ND, self.ready_pos = state["kept"].float(), state["ready"].float(), 0
@@ -109,9 +113,11 @@ class PrefetchSource:
             rows = self._ready + [self.source.next_batch(batch_size)]
             flat = torch.cat(rows)
             rest = flat[batch_size:]
-            self._ready = [rest[i:i + self.batch_size] for i in range(0, rest.shape[0], self.batch_size)]
+            self._ready = [rest[i : i + self.batch_size] for i in range(0, rest.shape[0], self.batch_size)]
             if self._ready and self._ready[-1].shape[0] < self.batch_size:  # keep only whole batches
-                self._ready[-1] = torch.cat([self._ready[-1], self.source.next_batch(self.batch_size - self._ready[-1].shape[0])])
+                self._ready[-1] = torch.cat(
+                    [self._ready[-1], self.source.next_batch(self.batch_size - self._ready[-1].shape[0])]
+                )
             return flat[:batch_size]
         if self._thread is None:
             self._stop.clear()

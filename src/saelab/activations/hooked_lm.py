@@ -9,12 +9,14 @@ Models and tokenisers load only from a local folder: nothing is downloaded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from saelab.dtypes import dtype_from_name
 from saelab.errors import ConfigError, FileFormatError
 
 
@@ -39,19 +41,23 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return best
 
 
-def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", dtype: str = "float32") -> tuple[nn.Module, Any]:
+def load_causal_lm(
+    path: str | Path, device: str | torch.device = "cpu", dtype: str = "float32"
+) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from a local folder (`save_pretrained` layout); never touches the hub."""
     p = Path(path).expanduser()
     if not p.is_dir() or not (p / "config.json").exists():
-        raise ConfigError("model", str(path), "must be a local model folder with config.json "
-                          "(saelab never downloads; use `save_pretrained` or a hub snapshot folder)")
+        raise ConfigError(
+            "model",
+            str(path),
+            "must be a local model folder with config.json "
+            "(saelab never downloads; use `save_pretrained` or a hub snapshot folder)",
+        )
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise ConfigError("model", str(path), "needs the `transformers` extra: pip install 'saelab[llm]'") from None
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    if torch_dtype is None:
-        raise ConfigError("model_dtype", dtype, "must be float32, bfloat16 or float16")
+    torch_dtype = dtype_from_name(dtype, "model_dtype", allowed=("float32", "bfloat16", "float16"))
     try:
         from transformers.utils import logging as hf_logging
 
@@ -65,7 +71,10 @@ def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", dtype: 
         # `dtype=` replaced `torch_dtype=` in transformers 4.56; older versions would silently ignore it.
         major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
         key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, **{key: torch_dtype})
+        # cast: transformers types the model's decorated `.to` so that no device argument type-checks.
+        model = cast(
+            nn.Module, AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, **{key: torch_dtype})
+        )
     except Exception as err:
         raise FileFormatError(f"cannot load a causal LM and tokenizer from {p}: {err}") from None
     model.to(device).eval()
@@ -76,8 +85,14 @@ def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", dtype: 
 class HookedLM:
     """A causal LM, a hooked module, and the token filter (which tokens count as activations)."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, layer: int | None = None, hook_module: str | None = None,
-                 name: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        layer: int | None = None,
+        hook_module: str | None = None,
+        name: str | None = None,
+    ):
         if (layer is None) == (hook_module is None):
             raise ConfigError("layer", layer, "give exactly one of --layer N and --hook-module NAME")
         self.model = model
@@ -87,12 +102,20 @@ class HookedLM:
         if layer is not None:
             blocks = find_blocks(model)
             if blocks is None:
-                raise ConfigError("layer", layer, "cannot find this model's transformer blocks; use --hook-module "
-                                  f"with one of: {_list_names(modules)}")
+                raise ConfigError(
+                    "layer",
+                    layer,
+                    "cannot find this model's transformer blocks; use --hook-module "
+                    f"with one of: {_list_names(modules)}",
+                )
             prefix, block_list = blocks
             if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(block_list):
-                raise ConfigError("layer", layer, f"the model has {len(block_list)} blocks; valid layers are "
-                                  f"0..{len(block_list) - 1} (modules {prefix}.0 .. {prefix}.{len(block_list) - 1})")
+                raise ConfigError(
+                    "layer",
+                    layer,
+                    f"the model has {len(block_list)} blocks; valid layers are "
+                    f"0..{len(block_list) - 1} (modules {prefix}.0 .. {prefix}.{len(block_list) - 1})",
+                )
             hook_module = f"{prefix}.{layer}"
         if hook_module not in modules or hook_module == "":
             raise ConfigError("hook_module", hook_module, f"no such module; valid names: {_list_names(modules)}")
@@ -100,12 +123,20 @@ class HookedLM:
         self.hook_module = hook_module
         self.module = modules[hook_module]
         self.device = next(model.parameters()).device
-        self.special_ids_K = torch.tensor(sorted(set(getattr(tokenizer, "all_special_ids", []) or [])), dtype=torch.long)
+        self.special_ids_K = torch.tensor(
+            sorted(set(getattr(tokenizer, "all_special_ids", []) or [])), dtype=torch.long
+        )
         self.d_in = self._probe_width()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, layer: int | None = None, hook_module: str | None = None,
-                        device: str | torch.device = "cpu", dtype: str = "float32") -> HookedLM:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        layer: int | None = None,
+        hook_module: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str = "float32",
+    ) -> HookedLM:
         model, tokenizer = load_causal_lm(path, device=device, dtype=dtype)
         return cls(model, tokenizer, layer=layer, hook_module=hook_module, name=str(Path(path).expanduser().resolve()))
 
@@ -113,7 +144,9 @@ class HookedLM:
         ids_BS = torch.tensor([[0, 0]], dtype=torch.long, device=self.device)
         acts = self.hooked_output(ids_BS, torch.ones_like(ids_BS))
         if acts.ndim != 3:
-            raise ConfigError("hook_module", self.hook_module, f"outputs shape {tuple(acts.shape)}; need [batch, seq, d]")
+            raise ConfigError(
+                "hook_module", self.hook_module, f"outputs shape {tuple(acts.shape)}; need [batch, seq, d]"
+            )
         return int(acts.shape[-1])
 
     def token_mask(self, input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor) -> torch.Tensor:
@@ -134,8 +167,11 @@ class HookedLM:
 
         handle = self.module.register_forward_hook(hook)
         try:
-            self.model(input_ids=input_ids_BS.to(self.device), attention_mask=attention_mask_BS.to(self.device),
-                       use_cache=False)
+            self.model(
+                input_ids=input_ids_BS.to(self.device),
+                attention_mask=attention_mask_BS.to(self.device),
+                use_cache=False,
+            )
         except _StopForward:
             pass
         finally:
@@ -152,13 +188,18 @@ class HookedLM:
         return acts_BSD[keep_BS]
 
     @torch.no_grad()
-    def logits(self, input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor,
-               replace: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    def logits(
+        self,
+        input_ids_BS: torch.Tensor,
+        attention_mask_BS: torch.Tensor,
+        replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """[B, S, V] logits; `replace` maps the non-special tokens' activations [N, D] to new ones
         (an SAE's reconstruction, zeros) spliced back in. Special tokens keep their activations."""
         keep_BS = self.token_mask(input_ids_BS, attention_mask_BS).to(self.device)
         handle = None
         if replace is not None:
+
             def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
                 acts_BSD = _first(output)
                 new_BSD = acts_BSD.clone()
@@ -171,8 +212,11 @@ class HookedLM:
 
             handle = self.module.register_forward_hook(hook)
         try:
-            out = self.model(input_ids=input_ids_BS.to(self.device), attention_mask=attention_mask_BS.to(self.device),
-                             use_cache=False)
+            out = self.model(
+                input_ids=input_ids_BS.to(self.device),
+                attention_mask=attention_mask_BS.to(self.device),
+                use_cache=False,
+            )
         finally:
             if handle is not None:
                 handle.remove()
@@ -180,8 +224,14 @@ class HookedLM:
 
     def identity(self) -> dict[str, Any]:
         """What a cache records about where its activations came from."""
-        return {"model": self.name, "model_fingerprint": self.fingerprint(), "layer": self.layer,
-                "hook_module": self.hook_module, "d_in": self.d_in, "model_class": type(self.model).__name__}
+        return {
+            "model": self.name,
+            "model_fingerprint": self.fingerprint(),
+            "layer": self.layer,
+            "hook_module": self.hook_module,
+            "d_in": self.d_in,
+            "model_class": type(self.model).__name__,
+        }
 
     @torch.no_grad()
     def fingerprint(self) -> str:
@@ -195,7 +245,7 @@ class HookedLM:
             cfg_dict.pop(key, None)
         h = hashlib.sha256(json.dumps(cfg_dict, sort_keys=True, default=str).encode())
         for _, p in list(self.model.named_parameters())[:4]:  # a few tensors are enough to tell models apart
-            h.update(p.detach().float().cpu().numpy().tobytes()[:1 << 20])
+            h.update(p.detach().float().cpu().numpy().tobytes()[: 1 << 20])
         return h.hexdigest()[:16]
 
 

@@ -1,41 +1,39 @@
-"""Activation sources over real data: a live hooked LM, and rows of files (caches, user arrays).
+"""The live-LM activation source: a hooked LM run over a corpus, through a shuffling buffer.
 
-Both implement `saelab.training.sources.ActivationSource`, so the trainer does not care which.
-Under torch.distributed each rank reads its own share: the LM source gets every world_size-th
-document, a file source every rank's slice of each global batch (rank r of w reads rows
-[p + r·b, p + (r+1)·b) and all ranks advance p by w·b, so w ranks see exactly the rows one
-process with batch w·b would).
+It implements `saelab.data.ActivationSource` (rows of files and caches: `activations/files.py`).
+Under torch.distributed each rank reads every world_size-th document.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from saelab.activations.buffer import ShuffleBuffer
 from saelab.activations.hooked_lm import HookedLM
 from saelab.activations.text import ContextStream
-from saelab.errors import ConfigError, FileFormatError, require
-
-
-def dist_rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from saelab.errors import ConfigError, require
 
 
 class LMActivationSource:
     """Activations of a hooked LM on a corpus, through a shuffling buffer of `buffer_size` rows."""
 
-    def __init__(self, hooked: HookedLM, contexts: ContextStream, model_batch_size: int = 8,
-                 buffer_size: int = 16384, seed: int = 0):
-        require(isinstance(model_batch_size, int) and model_batch_size > 0, "model_batch_size", model_batch_size,
-                "must be a positive integer")
+    def __init__(
+        self,
+        hooked: HookedLM,
+        contexts: ContextStream,
+        model_batch_size: int = 8,
+        buffer_size: int = 16384,
+        seed: int = 0,
+    ):
+        require(
+            isinstance(model_batch_size, int) and model_batch_size > 0,
+            "model_batch_size",
+            model_batch_size,
+            "must be a positive integer",
+        )
         self.hooked = hooked
         self.contexts = contexts
         self.model_batch_size = model_batch_size
@@ -66,132 +64,3 @@ class LMActivationSource:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.contexts.load_state_dict(state["contexts"])
         self.buffer.load_state_dict(state["buffer"])
-
-
-# ----------------------------------------------------------------------------------------- rows of files
-class RowSegment:
-    """Rows [0, n) of one file, read lazily (memory-mapped)."""
-
-    def __init__(self, path: Path, n: int, d_in: int, read: Any):
-        self.path, self.n, self.d_in, self._read = path, n, d_in, read
-
-    def read(self, start: int, stop: int) -> torch.Tensor:
-        return self._read(start, stop)
-
-
-def safetensors_segment(path: Path, key: str | None = None) -> RowSegment:
-    from safetensors import safe_open
-
-    try:
-        handle = safe_open(str(path), framework="pt")
-        keys = list(handle.keys())
-    except Exception as err:  # truncated header, not a safetensors file
-        raise FileFormatError(f"{path} cannot be read as safetensors: {err}") from None
-    if key is None:
-        if "activations" in keys:
-            key = "activations"
-        elif len(keys) == 1:
-            key = keys[0]
-        else:
-            raise FileFormatError(f"{path} holds tensors {keys}; name one 'activations'")
-    elif key not in keys:
-        raise FileFormatError(f"{path} has no tensor '{key}' (it holds {keys})")
-    sl = handle.get_slice(key)
-    shape = sl.get_shape()
-    if len(shape) != 2 or shape[0] < 1:
-        raise FileFormatError(f"{path}: '{key}' must be a [N, d_in] tensor, got shape {shape}")
-    return RowSegment(path, int(shape[0]), int(shape[1]), lambda a, b: sl[a:b].float())
-
-
-def npy_segment(path: Path) -> RowSegment:
-    import numpy as np
-
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as err:
-        raise FileFormatError(f"{path} cannot be read as a .npy array: {err}") from None
-    if arr.ndim != 2 or arr.shape[0] < 1 or arr.dtype.kind != "f":
-        raise FileFormatError(f"{path} must hold a floating-point [N, d_in] array, got {arr.dtype} {arr.shape}")
-    return RowSegment(path, int(arr.shape[0]), int(arr.shape[1]),
-                      lambda a, b: torch.from_numpy(np.array(arr[a:b], dtype=np.float32)))
-
-
-def file_segments(paths: Sequence[str | Path]) -> list[RowSegment]:
-    """Segments for activation files a user already has (.npy or .safetensors, [N, d_in] each)."""
-    require(len(paths) > 0, "activations", list(paths), "name at least one .npy or .safetensors file")
-    segments = []
-    for p in map(Path, paths):
-        if not p.is_file():
-            raise ConfigError("activations", str(p), "does not exist")
-        if p.suffix.lower() == ".npy":
-            segments.append(npy_segment(p))
-        elif p.suffix.lower() == ".safetensors":
-            segments.append(safetensors_segment(p))
-        else:
-            raise ConfigError("activations", str(p), "must be a .npy or .safetensors file (or a cache folder: --cache)")
-    widths = {s.d_in for s in segments}
-    if len(widths) > 1:
-        raise ConfigError("activations", [str(s.path) for s in segments], f"files have different widths {sorted(widths)}")
-    return segments
-
-
-class RowFileSource:
-    """Rows [start, stop) of concatenated segments, in order, cycling; position = next global row."""
-
-    def __init__(self, segments: list[RowSegment], start: int = 0, stop: int | None = None,
-                 rank: int | None = None, world_size: int | None = None):
-        require(len(segments) > 0, "activations", segments, "no activation files")
-        self.segments = segments
-        self.d_in = segments[0].d_in
-        self.offsets = [0]
-        for s in segments:
-            self.offsets.append(self.offsets[-1] + s.n)
-        total = self.offsets[-1]
-        stop = total if stop is None else stop
-        require(0 <= start < stop <= total, "rows", (start, stop), f"must be a non-empty range within {total} rows")
-        self.start, self.stop = start, stop
-        r, w = dist_rank_world()
-        self.rank = r if rank is None else rank
-        self.world_size = w if world_size is None else world_size
-        self.position = 0  # rows consumed by all ranks together, from `start`
-        self.read_seconds = 0.0
-
-    @property
-    def n_rows(self) -> int:
-        return self.stop - self.start
-
-    def read_rows(self, a: int, b: int) -> torch.Tensor:
-        """Global rows [a, b) (no wrapping)."""
-        parts = []
-        for i, seg in enumerate(self.segments):
-            lo, hi = max(a, self.offsets[i]), min(b, self.offsets[i + 1])
-            if lo < hi:
-                parts.append(seg.read(lo - self.offsets[i], hi - self.offsets[i]))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def _range(self, first: int, count: int) -> torch.Tensor:
-        n = self.n_rows
-        parts = []
-        while count > 0:
-            a = first % n
-            take = min(count, n - a)
-            parts.append(self.read_rows(self.start + a, self.start + a + take))
-            first += take
-            count -= take
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def next_batch(self, batch_size: int) -> torch.Tensor:
-        t0 = time.perf_counter()
-        out = self._range(self.position + self.rank * batch_size, batch_size)
-        self.position += self.world_size * batch_size
-        self.read_seconds += time.perf_counter() - t0
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "rows": [self.start, self.stop], "world_size": self.world_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if list(state.get("rows", [self.start, self.stop])) != [self.start, self.stop]:
-            raise ConfigError("activations", f"rows {self.start}..{self.stop}",
-                              f"differ from the checkpoint's rows {state['rows']}: resume on the same data")
-        self.position = int(state["position"])

@@ -8,9 +8,10 @@ kept out of training for evaluation, so the held-out set is the same on every ra
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -52,12 +53,14 @@ def _load_token_file(path: Path, context_size: int) -> list[list[int]]:
     except Exception as err:  # truncated or foreign files
         raise FileFormatError(f"token file {path} cannot be read: {err}") from None
     if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.ndim not in (1, 2) or ids.numel() == 0:
-        raise FileFormatError(f"token file {path} must hold one non-empty integer tensor [N] or [N, S] "
-                              f"(key 'input_ids' or 'tokens'), got {getattr(ids, 'dtype', type(ids))} "
-                              f"{tuple(getattr(ids, 'shape', ()))}")
+        raise FileFormatError(
+            f"token file {path} must hold one non-empty integer tensor [N] or [N, S] "
+            f"(key 'input_ids' or 'tokens'), got {getattr(ids, 'dtype', type(ids))} "
+            f"{tuple(getattr(ids, 'shape', ()))}"
+        )
     ids = ids.long()
     if ids.ndim == 1:
-        return [ids[i:i + context_size].tolist() for i in range(0, ids.shape[0], context_size)]
+        return [ids[i : i + context_size].tolist() for i in range(0, ids.shape[0], context_size)]
     return [row.tolist() for row in ids]
 
 
@@ -65,7 +68,9 @@ def _load_saved_dataset(path: Path, text_column: str, split: str | None) -> list
     try:
         import datasets
     except ImportError:
-        raise ConfigError("dataset", str(path), "is a `datasets` folder; install the `datasets` package to read it") from None
+        raise ConfigError(
+            "dataset", str(path), "is a `datasets` folder; install the `datasets` package to read it"
+        ) from None
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as err:
@@ -81,18 +86,26 @@ def _load_saved_dataset(path: Path, text_column: str, split: str | None) -> list
         return [str(t) for t in ds[text_column] if t is not None and str(t).strip()]
     if "input_ids" in columns:
         return [list(map(int, ids)) for ids in ds["input_ids"] if len(ids)]
-    raise ConfigError("text_column", text_column,
-                      f"dataset {path} has no such column and no 'input_ids' column; its columns are {columns}")
+    raise ConfigError(
+        "text_column",
+        text_column,
+        f"dataset {path} has no such column and no 'input_ids' column; its columns are {columns}",
+    )
 
 
-def load_documents(path: str | Path, text_column: str = "text", context_size: int = 128,
-                   split: str | None = None) -> list[Any]:
+def load_documents(
+    path: str | Path, text_column: str = "text", context_size: int = 128, split: str | None = None
+) -> list[Any]:
     """Every document of a corpus: strings, or token-id lists for pre-tokenised corpora."""
     require(isinstance(path, (str, Path)) and str(path).strip() != "", "dataset", path, "name a file or folder")
     p = Path(path).expanduser()
     if not p.exists():
-        raise ConfigError("dataset", str(path), "does not exist (a text file, a folder of text files, a `datasets` "
-                          "save_to_disk folder or a token file; nothing is downloaded)")
+        raise ConfigError(
+            "dataset",
+            str(path),
+            "does not exist (a text file, a folder of text files, a `datasets` "
+            "save_to_disk folder or a token file; nothing is downloaded)",
+        )
     if p.is_file():
         docs: list[Any] = _load_token_file(p, context_size) if p.suffix.lower() in TOKEN_SUFFIXES else _lines(p)
     elif _is_saved_dataset(p):
@@ -100,8 +113,12 @@ def load_documents(path: str | Path, text_column: str = "text", context_size: in
     else:
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES + TOKEN_SUFFIXES)
         if not files:
-            raise ConfigError("dataset", str(path), f"folder holds no text ({', '.join(TEXT_SUFFIXES)}) or token "
-                              f"({', '.join(TOKEN_SUFFIXES)}) files and is not a `datasets` save_to_disk folder")
+            raise ConfigError(
+                "dataset",
+                str(path),
+                f"folder holds no text ({', '.join(TEXT_SUFFIXES)}) or token "
+                f"({', '.join(TOKEN_SUFFIXES)}) files and is not a `datasets` save_to_disk folder",
+            )
         docs = []
         for f in files:
             docs.extend(_load_token_file(f, context_size) if f.suffix.lower() in TOKEN_SUFFIXES else _lines(f))
@@ -125,9 +142,20 @@ class ContextStream:
     round-robin; `split="eval"` gives the held-out ones. The position (epoch, next document) is the
     whole state, so a stream resumes exactly. Each epoch visits documents in a new seeded order."""
 
-    def __init__(self, documents: Sequence[Any], tokenizer: Any, context_size: int = 128, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, holdout_every: int = 20, split: str = "train"):
-        require(isinstance(context_size, int) and context_size >= 2, "context_size", context_size, "must be an integer ≥ 2")
+    def __init__(
+        self,
+        documents: Sequence[Any],
+        tokenizer: Any,
+        context_size: int = 128,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        holdout_every: int = 20,
+        split: str = "train",
+    ):
+        require(
+            isinstance(context_size, int) and context_size >= 2, "context_size", context_size, "must be an integer ≥ 2"
+        )
         require(split in ("train", "eval", "all"), "split", split, "must be 'train', 'eval' or 'all'")
         require(holdout_every >= 2, "holdout_every", holdout_every, "must be ≥ 2")
         self.tokenizer = tokenizer
@@ -140,8 +168,11 @@ class ContextStream:
             indices = [i for i in indices if i % holdout_every == holdout_every - 1] or [len(documents) - 1]
         mine = [documents[i] for j, i in enumerate(indices) if j % world_size == rank]
         if not mine:
-            raise ConfigError("dataset", f"{len(documents)} documents",
-                              f"too few for rank {rank} of {world_size} ({split} split); give a larger corpus")
+            raise ConfigError(
+                "dataset",
+                f"{len(documents)} documents",
+                f"too few for rank {rank} of {world_size} ({split} split); give a larger corpus",
+            )
         self.documents = mine
         self.epoch = 0
         self.cursor = 0
@@ -162,8 +193,9 @@ class ContextStream:
         out: list[list[int]] = [[]] * len(docs)
         texts = [(i, d) for i, d in enumerate(docs) if isinstance(d, str)]
         if texts:
-            enc = self.tokenizer([d for _, d in texts], truncation=True, max_length=self.context_size,
-                                 add_special_tokens=True)["input_ids"]
+            enc = self.tokenizer(
+                [d for _, d in texts], truncation=True, max_length=self.context_size, add_special_tokens=True
+            )["input_ids"]
             for (i, _), ids in zip(texts, enc):
                 out[i] = list(ids)
         for i, d in enumerate(docs):
@@ -185,7 +217,7 @@ class ContextStream:
     def iter_once(self, n_contexts: int) -> Iterator[TokenBatch]:
         """Every document once, in corpus order (evaluation)."""
         for start in range(0, len(self.documents), n_contexts):
-            yield pad_batch(self._tokenise(list(self.documents[start:start + n_contexts])), self.pad_id)
+            yield pad_batch(self._tokenise(list(self.documents[start : start + n_contexts])), self.pad_id)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "cursor": self.cursor}

@@ -8,16 +8,24 @@ runs on it. The tokenizer prepends BOS, so special-token handling is exercised t
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from saelab.errors import require
 
 SPECIAL_TOKENS = ["[UNK]", "[BOS]", "[EOS]", "[PAD]"]
 
 
-def build_tiny_causal_lm(out_dir: str | Path, lines: Iterable[str], arch: str = "gpt2", d_model: int = 32,
-                         n_layers: int = 3, n_heads: int = 2, context_size: int = 64, seed: int = 0) -> Path:
+def build_tiny_causal_lm(
+    out_dir: str | Path,
+    lines: Iterable[str],
+    arch: str = "gpt2",
+    d_model: int = 32,
+    n_layers: int = 3,
+    n_heads: int = 2,
+    context_size: int = 64,
+    seed: int = 0,
+) -> Path:
     """Write a random `arch` ("gpt2" or "llama") model and its tokenizer to `out_dir`."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -29,21 +37,36 @@ def build_tiny_causal_lm(out_dir: str | Path, lines: Iterable[str], arch: str = 
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", vocab["[BOS]"])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]",
-                                        pad_token="[PAD]", unk_token="[UNK]")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]", unk_token="[UNK]"
+    )
     ids = {t: vocab[t] for t in SPECIAL_TOKENS}
     if arch == "gpt2":
-        cfg = GPT2Config(vocab_size=len(vocab), n_positions=context_size, n_embd=d_model, n_layer=n_layers,
-                         n_head=n_heads, bos_token_id=ids["[BOS]"], eos_token_id=ids["[EOS]"], pad_token_id=ids["[PAD]"])
-        cls = GPT2LMHeadModel
+        cfg = GPT2Config(
+            vocab_size=len(vocab),
+            n_positions=context_size,
+            n_embd=d_model,
+            n_layer=n_layers,
+            n_head=n_heads,
+            bos_token_id=ids["[BOS]"],
+            eos_token_id=ids["[EOS]"],
+            pad_token_id=ids["[PAD]"],
+        )
     else:
-        cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=d_model, intermediate_size=2 * d_model,
-                          num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_heads,
-                          max_position_embeddings=context_size, bos_token_id=ids["[BOS]"], eos_token_id=ids["[EOS]"],
-                          pad_token_id=ids["[PAD]"])
-        cls = LlamaForCausalLM
+        cfg = LlamaConfig(
+            vocab_size=len(vocab),
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_heads,
+            max_position_embeddings=context_size,
+            bos_token_id=ids["[BOS]"],
+            eos_token_id=ids["[EOS]"],
+            pad_token_id=ids["[PAD]"],
+        )
     torch.manual_seed(seed)
-    model = cls(cfg).eval()
+    model = (GPT2LMHeadModel(cfg) if isinstance(cfg, GPT2Config) else LlamaForCausalLM(cfg)).eval()
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -2,6 +2,10 @@
 
 `16k` is the published SynthSAEBench protocol (seed-posts §1.2). `mini` is the same recipe scaled
 for a 2-core CPU; its budget was chosen so that F1 has converged (see README, "mini protocol").
+
+Budget tiers name training budgets of a protocol: `full` is always the protocol's own budget, `quick` a
+quarter of it (on `mini`, 1.5M samples: enough to rank ideas that change how fast an SAE learns, not
+where it converges; README, recipe ablation). A result found at `quick` is confirmed at `full`.
 """
 
 from __future__ import annotations
@@ -31,9 +35,37 @@ class Protocol:
     dead_feature_window: int = 1000  # steps without firing before AuxK treats a latent as dead
     description: str = ""
     arch_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tiers: dict[str, int] = field(default_factory=dict)  # named budgets besides `full` (= samples)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Protocol:
+        """Inverse of to_dict (a protocol recorded in a log or a store); unknown keys are refused."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError("protocol", data.get("name"), f"records unknown fields {', '.join(unknown)}")
+        values = dict(data)
+        if "l0_sweep" in values:
+            values["l0_sweep"] = tuple(values["l0_sweep"])
+        return cls(**values)
+
+    def budget_tiers(self) -> dict[str, int]:
+        """Tier name → training samples; `full` is the protocol's budget."""
+        return {**self.tiers, "full": self.samples}
+
+    def tier_samples(self, tier: str) -> int:
+        tiers = self.budget_tiers()
+        if tier not in tiers:
+            raise ConfigError(
+                "tier",
+                tier,
+                f"unknown budget tier of protocol {self.name}; known: "
+                + ", ".join(f"{k} ({v:,} samples)" for k, v in tiers.items()),
+            )
+        return tiers[tier]
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -49,6 +81,7 @@ PROTOCOLS: dict[str, Protocol] = {
         seeds=5,
         eval_samples=1_000_000,
         autocast_bf16=True,
+        tiers={"quick": 50_000_000},
         description="Published SynthSAEBench-16k protocol (GPU): width 4096, 200M samples, batch 1024, lr 3e-4.",
     ),
     "mini": Protocol(
@@ -64,6 +97,7 @@ PROTOCOLS: dict[str, Protocol] = {
         seeds=3,
         eval_samples=200_000,
         dead_feature_window=100,
+        tiers={"quick": 1_500_000},
         description="synth-mini, width 1024, 6M samples, batch 1024, lr 2e-3 with linear decay over the final third, AuxK dead window 100 steps (2-core CPU).",
     ),
 }
@@ -73,3 +107,8 @@ def get_protocol(name: str) -> Protocol:
     if name not in PROTOCOLS:
         raise ConfigError("protocol", name, f"unknown protocol; known: {', '.join(sorted(PROTOCOLS))}")
     return PROTOCOLS[name]
+
+
+def tier_of(protocol: Protocol, samples: int) -> str | None:
+    """The name of the tier whose budget is `samples`, if any."""
+    return next((name for name, n in protocol.budget_tiers().items() if n == samples), None)

@@ -7,17 +7,20 @@ envelope. A run that dies part-way stays "running" in the store and is reported 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from saelab.bench.protocols import Protocol
-from saelab.errors import require
+from saelab.bench.variants import VariantSpec, register_variants
+from saelab.errors import TrainingInterrupted, require
 from saelab.provenance import envelope
-from saelab.training.run import RunConfig, load_data, run_training
+from saelab.runs import RunConfig, run_training
+from saelab.synthetic import load_source as load_data
 
 SUMMARY_METRICS = ("f1", "precision", "recall", "mcc", "uniqueness", "explained_variance", "l0", "dead_latents")
 
@@ -32,10 +35,19 @@ class BenchRequest:
     samples: int | None = None  # override the protocol's budget (convergence checks)
     arch_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     out_dir: Path = Path("runs/bench")
+    eval_samples: int | None = None  # override the protocol's evaluation samples
+    # Override variants (`recipe:ista_steps=0`) among archs: spawned workers register them again.
+    variants: list[VariantSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         require(len(self.archs) > 0, "arch", self.archs, "name at least one architecture")
         require(len(self.seeds) > 0, "seeds", self.seeds, "need at least one seed")
+        require(
+            self.eval_samples is None or (isinstance(self.eval_samples, int) and self.eval_samples > 0),
+            "eval_samples",
+            self.eval_samples,
+            "must be a positive integer",
+        )
 
     def run_config(self, seed: int) -> RunConfig:
         p = self.protocol
@@ -51,7 +63,7 @@ class BenchRequest:
             lr_decay_fraction=p.lr_decay_fraction,
             lr_warmup_steps=p.lr_warmup_steps,
             seed=seed,
-            eval_samples=p.eval_samples,
+            eval_samples=self.eval_samples or p.eval_samples,
             device=self.device,
             autocast_bf16=p.autocast_bf16 and self.device.startswith("cuda"),
             dead_feature_window=p.dead_feature_window,
@@ -60,21 +72,11 @@ class BenchRequest:
 
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and sample sd over seeds for each (arch, L0)."""
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
-    for r in results:
-        groups.setdefault((r["arch"], r["l0_target"]), []).append(r)
-    rows = []
-    for (arch, l0), rs in groups.items():
-        row: dict[str, Any] = {"arch": arch, "l0_target": l0, "n_seeds": len(rs), "summary": True}
-        for key in SUMMARY_METRICS + ("wall_seconds",):
-            values = [float(r[key]) for r in rs if r.get(key) is not None]
-            if values:
-                row[f"{key}_mean"] = statistics.fmean(values)
-                row[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        rows.append(row)
-    rows.sort(key=lambda r: -r.get("f1_mean", 0.0))
-    return rows
+    """One row per (arch, L0, budget) over seeds: mean, sd, se and 95% interval (bench.leaderboard)."""
+    from saelab.bench.leaderboard import summarize_seeds
+
+    rows = summarize_seeds(results, SUMMARY_METRICS + ("wall_seconds",))
+    return [{"kind": "summary", "summary": True, **row} for row in rows]
 
 
 def run_bench(
@@ -83,21 +85,77 @@ def run_bench(
     progress: bool = True,
     on_result: Callable[[dict[str, Any]], None] | None = None,
     jobs: int = 1,
+    stamp: str | None = None,
+    max_seconds: float | None = None,
 ) -> list[dict[str, Any]]:
     """Run the request; returns one record per (arch, L0, seed).
 
+    `max_seconds`: a wall-time budget. Seeds then always train in worker processes; when the budget is spent,
+    the workers still training are stopped (SIGTERM: each saves a checkpoint and exits) and the records of the
+    seeds that finished are returned. Compare the records with `request.seeds` to tell a partial result.
+
     `jobs` > 1 trains that many seeds at once in worker processes, each with its share of the CPU
     threads (on a 2-core CPU two single-threaded seeds beat one two-threaded seed by ~1.6×). Every
-    worker writes its own results into the same store (SQLite in WAL mode takes concurrent writers)."""
-    require(isinstance(jobs, int) and jobs >= 1, "jobs", jobs, "must be a positive integer")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    if jobs == 1 or len(request.seeds) == 1:
-        model = load_data(request.protocol.data, device=request.device)
-        records: list[dict[str, Any]] = []
-        for seed in request.seeds:
-            records += run_seed(request, seed, stamp, model=model, store=store, progress=progress, on_result=on_result)
-        return records
-    return _run_seeds_in_workers(request, stamp, store, on_result, jobs)
+    worker writes its own results into the same store (SQLite in WAL mode takes concurrent writers).
+    Workers die with this process; on KeyboardInterrupt (Ctrl-C, or `workers.Terminated`) they are stopped
+    at once and the interrupt propagates (a signal during training in this process arrives as the trainer's
+    TrainingInterrupted). `stamp` names run folders already made by `reserve_run_dirs`."""
+    require(
+        isinstance(jobs, int) and not isinstance(jobs, bool) and jobs >= 1, "jobs", jobs, "must be a positive integer"
+    )
+    require(
+        max_seconds is None or max_seconds > 0,
+        "max_minutes",
+        None if max_seconds is None else max_seconds / 60,
+        "must be a positive number of minutes",
+    )
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+    if stamp is None:
+        stamp = reserve_run_dirs(request)
+    try:
+        if deadline is None and (jobs == 1 or len(request.seeds) == 1):
+            model = load_data(request.protocol.data, device=request.device)
+            records: list[dict[str, Any]] = []
+            for seed in request.seeds:
+                records += run_seed(
+                    request, seed, stamp, model=model, store=store, progress=progress, on_result=on_result
+                )
+            return records
+        return _run_seeds_in_workers(request, stamp, store, on_result, jobs, deadline)
+    finally:
+        for seed in request.seeds:  # seeds that never started (interrupted, failed) leave no empty folder
+            with contextlib.suppress(OSError):
+                run_dir_for(request, stamp, seed).rmdir()
+
+
+def run_dir_for(request: BenchRequest, stamp: str, seed: int) -> Path:
+    return request.out_dir / f"{request.protocol.name}-{stamp}-seed{seed}"
+
+
+def reserve_run_dirs(request: BenchRequest) -> str:
+    """Create this bench's (empty) run folders under a stamp no other bench can share; returns the stamp."""
+    from saelab.bench.paths import make_unique_run_dirs
+
+    return make_unique_run_dirs(request.out_dir, request.protocol.name, [f"-seed{s}" for s in request.seeds])
+
+
+def finished_runs(
+    request: BenchRequest, stamp: str, store: Any = None, records: list[dict[str, Any]] | None = None
+) -> list[tuple[str, float, int]]:
+    """(arch, L0 target, seed) of this bench's runs that completed: from the store where there is one (workers
+    record each result there as it lands), else from the records the caller collected."""
+    done: set[tuple[str, float, int]] = set()
+    if store is not None:
+        mine = {str(run_dir_for(request, stamp, s)) for s in request.seeds}
+        try:
+            for row in store.runs(protocol=request.protocol.name, status="complete"):
+                if (row.get("metrics") or {}).get("run_dir") in mine:
+                    done.add((row["arch"], float(row["l0_target"]), int(row["seed"])))
+        except Exception:  # noqa: BLE001  (reporting on the way out must not hide the interrupt)
+            pass
+    for r in records or []:
+        done.add((r["arch"], float(r["l0_target"]), int(r["seed"])))
+    return sorted(done, key=lambda t: (t[2], t[0], t[1]))
 
 
 def run_seed(
@@ -110,10 +168,11 @@ def run_seed(
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Every (arch, L0) of one seed, trained together on one stream; each result recorded as it lands."""
+    register_variants(request.variants, **variant_check_dims(request))
     if model is None:
         model = load_data(request.protocol.data, device=request.device)
     cfg = request.run_config(seed)
-    run_dir = request.out_dir / f"{request.protocol.name}-{stamp}-seed{seed}"
+    run_dir = run_dir_for(request, seed=seed, stamp=stamp)
     env = envelope({"protocol": request.protocol.to_dict(), "run": dataclasses.asdict(cfg)}, request.device)
     run_ids: dict[str, Any] = {}
     if store is not None:
@@ -123,8 +182,15 @@ def run_seed(
     records: list[dict[str, Any]] = []
 
     def record_result(record: dict[str, Any]) -> None:
-        record = {**record, "protocol": request.protocol.name,
-                  "wall_seconds": time.perf_counter() - seed_started, "run_dir": str(run_dir)}
+        record = {
+            **record,
+            "protocol": request.protocol.name,
+            "samples": cfg.samples,
+            "protocol_samples": request.protocol.samples,
+            "eval_samples": cfg.eval_samples,
+            "wall_seconds": time.perf_counter() - seed_started,
+            "run_dir": str(run_dir),
+        }
         record.pop("train_stats", None)
         if store is not None:
             store.finish_run(run_ids[record["name"]], record, record["wall_seconds"])
@@ -135,7 +201,9 @@ def run_seed(
     try:
         run_training(cfg, run_dir, progress=progress, model=model, on_result=record_result)
     except BaseException as err:
-        if store is not None and not isinstance(err, KeyboardInterrupt):
+        # A signal (Ctrl-C, SIGTERM, the trainer's stop) leaves the unfinished runs "running": once this process
+        # is gone they read as incomplete, which is what they are. Only real failures are marked failed.
+        if store is not None and not isinstance(err, (KeyboardInterrupt, SystemExit, TrainingInterrupted)):
             done = {r["name"] for r in records}
             for name, run_id in run_ids.items():
                 if name not in done:
@@ -145,6 +213,8 @@ def run_seed(
 
 
 def _worker_run_seed(request: BenchRequest, seed: int, stamp: str, store_path: str | None, threads: int):
+    import os
+
     import torch
 
     torch.set_num_threads(threads)
@@ -153,31 +223,76 @@ def _worker_run_seed(request: BenchRequest, seed: int, stamp: str, store_path: s
         from saelab.bench.store import ResultsStore
 
         store = ResultsStore(store_path)
-    return run_seed(request, seed, stamp, store=store, progress=False)
+    try:
+        return run_seed(request, seed, stamp, store=store, progress=False)
+    except (KeyboardInterrupt, SystemExit, TrainingInterrupted):
+        # Stopped by a signal (the trainer saved a checkpoint first where it could): end the process now, or the
+        # pool would keep it alive waiting for the next seed while the parent waits for it to exit.
+        os._exit(1)
 
 
-def _run_seeds_in_workers(request, stamp, store, on_result, jobs) -> list[dict[str, Any]]:
+def variant_check_dims(request: BenchRequest) -> dict[str, Any]:
+    """Shapes for a variant's dry-run config check: the protocol's width and first L0."""
+    p = request.protocol
+    return {
+        "d_in": max(1, p.width // 4),
+        "d_sae": p.width,
+        "l0": float(request.l0s[0]),
+        "total_steps": max(1, (request.samples or p.samples) // p.batch_size),
+    }
+
+
+def _run_seeds_in_workers(request, stamp, store, on_result, jobs, deadline=None) -> list[dict[str, Any]]:
     import concurrent.futures as cf
     import multiprocessing
     import os
 
     import torch
 
+    from saelab.bench.workers import init_worker, stop_processes
+
     threads = max(1, (os.cpu_count() or 1) // jobs) if request.device == "cpu" else torch.get_num_threads()
     store_path = str(store.path) if store is not None else None
     records: list[dict[str, Any]] = []
-    # spawn, not fork: a forked child inherits the parent's OpenMP pool and torch state.
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # spawn, not fork: a forked child inherits the parent's OpenMP pool and torch state. Workers are started from
+    # this (main) thread by submit(), which is what their parent-death signal is tied to.
+    pool = cf.ProcessPoolExecutor(
+        max_workers=jobs,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=init_worker,
+        initargs=(os.getpid(),),
+    )
+    futures = []
+
+    def stop_now() -> None:
+        for f in futures:
+            f.cancel()
+        stop_processes(list((getattr(pool, "_processes", None) or {}).values()))
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    try:
         futures = [pool.submit(_worker_run_seed, request, seed, stamp, store_path, threads) for seed in request.seeds]
-        try:
-            for future in cf.as_completed(futures):
+        pending = set(futures)
+        while pending:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = cf.wait(pending, timeout=timeout, return_when=cf.FIRST_COMPLETED)
+            for future in done:
                 for record in future.result():
                     records.append(record)
                     if on_result:
                         on_result(record)
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-    records.sort(key=lambda r: (r["seed"], r["name"]))
-    return records
+            if pending and deadline is not None and time.monotonic() >= deadline:
+                stop_now()  # the budget is spent: the seeds still training stop here (partial result)
+                break
+        else:
+            pool.shutdown(wait=True)
+        records.sort(key=lambda r: (r["seed"], r["name"]))
+        return records
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM: stop the workers now instead of waiting for their seeds to finish.
+        stop_now()
+        raise
+    except BaseException:
+        # A seed failed: the seeds already training finish and are recorded; the rest never start.
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise

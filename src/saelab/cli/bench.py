@@ -2,87 +2,174 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from saelab.cli import app
 from saelab.cli.common import out, parse_count, parse_l0_values, print_json
-from saelab.errors import ConfigError
+from saelab.errors import ConfigError, TrainingInterrupted
 
-RESULT_KEYS = ["arch", "l0_target", "seed", "f1", "precision", "recall", "mcc", "uniqueness", "explained_variance",
-               "l0", "dead_latents", "wall_seconds"]
+RESULT_KEYS = [
+    "arch",
+    "l0_target",
+    "seed",
+    "samples",
+    "f1",
+    "precision",
+    "recall",
+    "mcc",
+    "uniqueness",
+    "explained_variance",
+    "l0",
+    "dead_latents",
+    "wall_seconds",
+]
 
 
 @app.command()
 def bench(
     protocol: str = typer.Option("mini", help="Benchmark protocol: mini (2-core CPU) or 16k (published, GPU)."),
-    arch: Optional[list[str]] = typer.Option(None, help="Architectures (registry names or module:Class); default matryoshka."),
-    ablate: Optional[list[str]] = typer.Option(None, help="Also train ARCH with each of its components removed in turn (e.g. recipe)."),
-    l0: Optional[list[str]] = typer.Option(None, help="Target L0s (default: the protocol's natural L0)."),
+    arch: list[str] | None = typer.Option(
+        None, help="Architectures (registry names or module:Class); default matryoshka."
+    ),
+    ablate: list[str] | None = typer.Option(
+        None, help="Also train ARCH with each of its components removed in turn (e.g. recipe)."
+    ),
+    l0: list[str] | None = typer.Option(None, help="Target L0s (default: the protocol's natural L0)."),
     seeds: int = typer.Option(1, help="Number of seeds (0..seeds-1)."),
     seed_start: int = typer.Option(0, help="First seed."),
-    samples: Optional[str] = typer.Option(None, help="Override the protocol's training samples (e.g. for convergence checks)."),
+    samples: str | None = typer.Option(
+        None,
+        help="Override the protocol's training samples (e.g. for convergence "
+        "checks); such runs are their own leaderboard entry.",
+    ),
+    tier: str | None = typer.Option(
+        None, help="A named budget of the protocol instead of --samples (mini: quick = 1.5M, full = 6M)."
+    ),
+    eval_samples: str | None = typer.Option(None, help="Override the protocol's evaluation samples."),
     device: str = typer.Option("cpu"),
     jobs: int = typer.Option(1, help="Seeds trained at once in worker processes (CPU: e.g. 2 on 2 cores)."),
-    store: Optional[Path] = typer.Option(None, help="Results store (default runs/results.sqlite or $SAELAB_STORE)."),
+    store: Path | None = typer.Option(None, help="Results store (default runs/results.sqlite or $SAELAB_STORE)."),
     no_store: bool = typer.Option(False, help="Do not record results."),
     out_dir: Path = typer.Option(Path("runs/bench"), "--out", help="Folder for run folders."),
-    json_output: bool = typer.Option(False, "--json", help="One JSON line per result, then one per (arch, L0)."),
+    json_output: bool = typer.Option(
+        False, "--json", help="One JSON line per result (kind run), then one per (arch, L0) (kind summary)."
+    ),
 ) -> None:
     """Train and score every (arch, L0, seed); print mean ± sd per (arch, L0); record all results."""
+    from saelab.bench.paths import check_writable_dir
     from saelab.bench.protocols import get_protocol
-    from saelab.bench.runner import BenchRequest, run_bench, summarize
-    from saelab.saes.base import ablation_names, get_sae_class
+    from saelab.bench.runner import BenchRequest, finished_runs, reserve_run_dirs, run_bench, summarize
+    from saelab.bench.workers import Terminated, sigterm_as_interrupt
+    from saelab.saes.registry import ablation_names, get_sae_class
 
+    # Every option is checked before the store or a run folder is touched.
     proto = get_protocol(protocol)
+    from saelab.cli.common import check_seed
+    from saelab.devices import resolve_device
+
+    device = resolve_device(device)
+    check_seed(seed_start, "seed_start")
     if seeds <= 0:
         raise ConfigError("seeds", seeds, "must be a positive integer")
+    if jobs < 1:
+        raise ConfigError("jobs", jobs, "must be a positive integer")
     arch = list(arch or ([] if ablate else ["matryoshka"]))
     for base in ablate or []:
         arch += [name for name in [base, *ablation_names(base)] if name not in arch]
     for name in arch:
         get_sae_class(name)
     l0s = parse_l0_values(l0) if l0 else [float(proto.natural_l0)]
+    if samples is not None and tier is not None:
+        raise ConfigError("tier", tier, "give --tier or --samples, not both")
+    budget = parse_count(samples) if samples is not None else proto.tier_samples(tier) if tier is not None else None
     request = BenchRequest(
         protocol=proto,
         archs=arch,
         l0s=l0s,
         seeds=list(range(seed_start, seed_start + seeds)),
         device=device,
-        samples=parse_count(samples) if samples else None,
+        samples=budget,
         out_dir=out_dir,
+        eval_samples=parse_count(eval_samples, "eval_samples") if eval_samples is not None else None,
     )
+    check_writable_dir(out_dir, "out")
     results_store = None
     if not no_store:
         from saelab.bench.store import ResultsStore, default_store_path
 
         results_store = ResultsStore(store or default_store_path())
+    stamp = reserve_run_dirs(request)
+    collected: list[dict] = []
 
     def emit(record):
+        collected.append(record)
         if json_output:
-            print_json({k: record.get(k) for k in RESULT_KEYS})
+            print_json({"kind": "run", **{k: record.get(k) for k in RESULT_KEYS}})
 
-    records = run_bench(request, store=results_store, progress=not json_output and jobs == 1, on_result=emit,
-                        jobs=jobs)
+    try:
+        with sigterm_as_interrupt():
+            records = run_bench(
+                request,
+                store=results_store,
+                progress=not json_output and jobs == 1,
+                on_result=emit,
+                jobs=jobs,
+                stamp=stamp,
+            )
+    except (KeyboardInterrupt, TrainingInterrupted) as err:
+        # Ctrl-C or SIGTERM: as KeyboardInterrupt (Terminated for SIGTERM), or as TrainingInterrupted when it came
+        # during training in this process (the trainer saved a checkpoint first). Workers are already stopped.
+        sigterm = isinstance(err, Terminated) or getattr(err, "exit_code", None) == 128 + signal.SIGTERM
+        name = "SIGTERM" if sigterm else "SIGINT"
+        done = finished_runs(request, stamp, results_store, collected)
+        total = len(arch) * len(l0s) * seeds
+        where = f"stored in {results_store.path}" if results_store is not None else "not stored (--no-store)"
+        for a, l0_value, seed in done:  # plain prints: rich would wrap long lines
+            print(f"finished: {a} L0 {l0_value:g} seed {seed}", file=sys.stderr, flush=True)
+        # The one-line `error: ...` of every saelab error, with exit status 130 (SIGINT) or 143 (SIGTERM).
+        raise TrainingInterrupted(
+            f"bench interrupted by {name}: {len(done)} of {total} (arch, L0, seed) runs "
+            f"finished ({where}); the others did not finish",
+            exit_code=128 + (signal.SIGTERM if sigterm else signal.SIGINT),
+        ) from None
     summary = summarize(records)
     if json_output:
         for row in summary:
             print_json(row)
         return
-    table = Table(title=f"saelab bench --protocol {protocol}: mean ± sd over {seeds} seed(s)")
-    for header in ("arch", "L0 target", "F1", "MCC", "uniqueness", "EV", "L0", "dead"):
-        table.add_column(header, justify="right")
-    for row in summary:
-        def cell(key: str, fmt: str = "{:.3f}") -> str:
-            if f"{key}_mean" not in row:
-                return "—"
-            return f"{fmt.format(row[key + '_mean'])} ± {fmt.format(row[key + '_sd'])}"
+    from saelab.bench.export import format_budget
+    from saelab.bench.leaderboard import format_interval
 
-        table.add_row(row["arch"], f"{row['l0_target']:g}", cell("f1"), cell("mcc"), cell("uniqueness"),
-                      cell("explained_variance"), cell("l0", "{:.1f}"), cell("dead_latents", "{:.0f}"))
+    table = Table(
+        title=f"saelab bench --protocol {protocol}: mean ± sd over {seeds} seed(s), 95% interval of the mean F1"
+    )
+    for header in ("arch", "L0 target", "samples", "F1", "F1 95% CI", "MCC", "uniqueness", "EV", "L0", "dead"):
+        table.add_column(header, justify="right")
+
+    def cell(row: dict, key: str, fmt: str = "{:.3f}") -> str:
+        if row.get(f"{key}_mean") is None:
+            return "—"
+        return f"{fmt.format(row[key + '_mean'])} ± {fmt.format(row[key + '_sd'] or 0.0)}"
+
+    for row in summary:
+        table.add_row(
+            escape(row["arch"]),
+            f"{row['l0_target']:g}",
+            format_budget(row.get("samples"), proto.samples),
+            cell(row, "f1"),
+            format_interval(row, "f1", 3) or "—",
+            cell(row, "mcc"),
+            cell(row, "uniqueness"),
+            cell(row, "explained_variance"),
+            cell(row, "l0", "{:.1f}"),
+            cell(row, "dead_latents", "{:.0f}"),
+        )
     out.print(table)
     if results_store is not None:
         out.print(f"results recorded in {results_store.path}; see `saelab results leaderboard`")

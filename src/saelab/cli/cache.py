@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from saelab.cli import app
-from saelab.cli.common import out, parse_count, print_json
+from saelab.cli.common import check_seed, out, parse_count, print_json
 
 
 @app.command("cache")
@@ -17,8 +16,8 @@ def cache_command(
     model: str = typer.Option(..., help="Local Hugging Face causal-LM folder (nothing is downloaded)."),
     dataset: str = typer.Option(..., help="Text file, folder of text files, `datasets` folder or token file."),
     out_dir: Path = typer.Option(..., "--out", help="Cache folder (rerun the same command to continue it)."),
-    layer: Optional[int] = typer.Option(None, help="Hook the output of this transformer block (0-based)."),
-    hook_module: Optional[str] = typer.Option(None, help="Hook this named module instead of --layer."),
+    layer: int | None = typer.Option(None, help="Hook the output of this transformer block (0-based)."),
+    hook_module: str | None = typer.Option(None, help="Hook this named module instead of --layer."),
     tokens: str = typer.Option("1M", help="Activation rows (non-special tokens) to write, e.g. 1M."),
     shard_tokens: str = typer.Option("64k", help="Rows per shard."),
     text_column: str = typer.Option("text"),
@@ -32,15 +31,31 @@ def cache_command(
     json_output: bool = typer.Option(False, "--json", help="One JSON line with the manifest summary and timings."),
 ) -> None:
     """Run the LM over the corpus up to the hooked layer and store its activations as shards."""
-    from saelab.activations import build_lm_source
     from saelab.activations.cache import write_cache
-    from saelab.training.run import RunConfig
+    from saelab.activations.sources import LMActivationSource
+    from saelab.bench.paths import check_writable_dir
+    from saelab.data import DataSpec, open_data
+    from saelab.devices import resolve_device
 
-    cfg = RunConfig(model=model, layer=layer, hook_module=hook_module, dataset=dataset, text_column=text_column,
-                    context_size=context_size, model_batch_size=model_batch_size, buffer_size=buffer_size,
-                    model_dtype=model_dtype, seed=seed, device=device, prefetch=False)
+    check_seed(seed)
+    device = resolve_device(device)
+    check_writable_dir(out_dir, "out")
+    spec = DataSpec(
+        model=model,
+        layer=layer,
+        hook_module=hook_module,
+        dataset=dataset,
+        text_column=text_column,
+        context_size=context_size,
+        model_batch_size=model_batch_size,
+        buffer_size=buffer_size,
+        model_dtype=model_dtype,
+        prefetch=False,
+    )
     total = parse_count(tokens, "tokens")
-    source = build_lm_source(cfg)
+    shard_rows = parse_count(shard_tokens, "shard_tokens")
+    source = open_data(spec, device=device, seed=seed).source
+    assert isinstance(source, LMActivationSource)  # a model and a dataset, no prefetch thread
     identity = source.hooked.identity()
     extra = {"dataset": str(Path(dataset).expanduser().resolve()), "context_size": context_size}
     started = time.perf_counter()
@@ -52,21 +67,37 @@ def cache_command(
         progress.start()
         task = progress.add_task("cache", total=total)
     try:
-        manifest = write_cache(source, out_dir, total, identity, shard_tokens=parse_count(shard_tokens, "shard_tokens"),
-                               dtype=dtype, extra=extra,
-                               on_shard=(lambda done, _: progress.update(task, completed=done)) if progress else None)
+        manifest = write_cache(
+            source,
+            out_dir,
+            total,
+            identity,
+            shard_tokens=shard_rows,
+            dtype=dtype,
+            extra=extra,
+            on_shard=(lambda done, _: progress.update(task, completed=done)) if progress else None,
+        )
     finally:
         if progress is not None:
             progress.stop()
     wall = time.perf_counter() - started
-    summary = {"cache": str(out_dir), "rows": manifest["total_rows"], "shards": len(manifest["shards"]),
-               "d_in": manifest["d_in"], "dtype": manifest["dtype"], "wall_seconds": wall,
-               "tokens_per_second": source.tokens / max(wall, 1e-9),
-               "tokenise_seconds": source.timings["tokenise"], "forward_seconds": source.timings["forward"],
-               "write_seconds": manifest["write_seconds"]}
+    summary = {
+        "cache": str(out_dir),
+        "rows": manifest["total_rows"],
+        "shards": len(manifest["shards"]),
+        "d_in": manifest["d_in"],
+        "dtype": manifest["dtype"],
+        "wall_seconds": wall,
+        "tokens_per_second": source.tokens / max(wall, 1e-9),
+        "tokenise_seconds": source.timings["tokenise"],
+        "forward_seconds": source.timings["forward"],
+        "write_seconds": manifest["write_seconds"],
+    }
     if json_output:
         print_json(summary)
         return
-    out.print(f"{summary['rows']:,} rows of width {summary['d_in']} in {summary['shards']} shards at {out_dir} "
-              f"({summary['tokens_per_second']:,.0f} tokens/s; tokenise {summary['tokenise_seconds']:.1f} s, "
-              f"forward {summary['forward_seconds']:.1f} s, write {summary['write_seconds']:.1f} s)")
+    out.print(
+        f"{summary['rows']:,} rows of width {summary['d_in']} in {summary['shards']} shards at {out_dir} "
+        f"({summary['tokens_per_second']:,.0f} tokens/s; tokenise {summary['tokenise_seconds']:.1f} s, "
+        f"forward {summary['forward_seconds']:.1f} s, write {summary['write_seconds']:.1f} s)"
+    )

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from saelab.errors import ConfigError
+from saelab.metrics.names import table_columns
 
 console = Console(stderr=True)
 out = Console()
@@ -95,13 +97,44 @@ def parse_l0_values(values: Iterable[str]) -> list[float]:
 
 
 def print_json(obj: Any) -> None:
-    print(json.dumps(obj, default=_json_default), flush=True)
+    """One JSON line. NaN and ±inf are not JSON: they print as null, at any depth."""
+    print(json.dumps(json_safe(obj), allow_nan=False), flush=True)
 
 
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
+def json_safe(o: Any) -> Any:
+    """`o` with numpy/torch scalars and arrays made plain, non-finite floats made None, and anything
+    else JSON cannot hold made a string."""
+    if o is None or isinstance(o, (bool, str)):
+        return o
+    if isinstance(o, int):
+        return o
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {str(k) if not isinstance(k, (str, int, float, bool)) else k: json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple, set, frozenset)):
+        return [json_safe(v) for v in o]
+    if hasattr(o, "tolist") and callable(o.tolist):  # numpy/torch scalars and arrays
+        try:
+            return json_safe(o.tolist())
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    if hasattr(o, "item") and callable(o.item):
+        try:
+            return json_safe(o.item())
+        except (TypeError, ValueError, RuntimeError):
+            pass
     return str(o)
+
+
+SEED_MAX = 2**32 - 1
+
+
+def check_seed(seed: int, field: str = "seed") -> int:
+    """Seeds are 0 ≤ seed < 2³²: numpy's range, and room for the offsets runs add before torch's int64."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
+        raise ConfigError(field, seed, f"must be an integer from 0 to {SEED_MAX}")
+    return seed
 
 
 def results_table(title: str, rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> Table:
@@ -113,19 +146,13 @@ def results_table(title: str, rows: list[dict[str, Any]], columns: list[tuple[st
         cells = []
         for key, _, fmt in columns:
             value = row.get(key)
-            cells.append("—" if value is None else (fmt.format(value) if isinstance(value, (int, float)) else str(value)))
+            cells.append(
+                "—" if value is None else (fmt.format(value) if isinstance(value, (int, float)) else str(value))
+            )
         table.add_row(*cells)
     return table
 
 
-METRIC_COLUMNS = [
-    ("name", "SAE", "{}"),
-    ("f1", "F1", "{:.3f}"),
-    ("precision", "precision", "{:.3f}"),
-    ("recall", "recall", "{:.3f}"),
-    ("mcc", "MCC", "{:.3f}"),
-    ("uniqueness", "uniqueness", "{:.3f}"),
-    ("explained_variance", "EV", "{:.3f}"),
-    ("l0", "L0", "{:.2f}"),
-    ("dead_latents", "dead", "{}"),
-]
+# What a synthetic-data run prints per SAE: the ground-truth scores, then reconstruction.
+SYNTHETIC_METRICS = ("f1", "precision", "recall", "mcc", "uniqueness", "explained_variance", "l0", "dead_latents")
+METRIC_COLUMNS = [("name", "SAE", "{}"), *table_columns(SYNTHETIC_METRICS)]

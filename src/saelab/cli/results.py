@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
+from rich.markup import escape
 
 from saelab.cli import app
 from saelab.cli.common import console, out, print_json, results_table
@@ -19,23 +20,54 @@ results_app = typer.Typer(
 app.add_typer(results_app, name="results")
 
 STORE_HELP = "Results store (default: $SAELAB_STORE, else runs/results.sqlite)."
-RUN_JSON_KEYS = ["run_id", "protocol", "arch", "l0_target", "seed", "status", "f1", "mcc", "explained_variance", "l0",
-                 "dead_latents", "wall_seconds"]
+RUN_JSON_KEYS = [
+    "run_id",
+    "protocol",
+    "arch",
+    "l0_target",
+    "seed",
+    "status",
+    "f1",
+    "mcc",
+    "explained_variance",
+    "l0",
+    "dead_latents",
+    "wall_seconds",
+]
 RUN_COLUMNS = [
-    ("run_id", "run", "{}"), ("protocol", "protocol", "{}"), ("arch", "arch", "{}"), ("l0_target", "L0 target", "{:g}"),
-    ("seed", "seed", "{}"), ("status", "status", "{}"), ("f1", "F1", "{:.4f}"), ("mcc", "MCC", "{:.4f}"),
-    ("explained_variance", "EV", "{:.4f}"), ("l0", "L0", "{:.2f}"), ("dead_latents", "dead", "{}"),
-    ("wall_seconds", "wall s", "{:.1f}"), ("started", "started (UTC)", "{}"),
+    ("run_id", "run", "{}"),
+    ("protocol", "protocol", "{}"),
+    ("arch", "arch", "{}"),
+    ("l0_target", "L0 target", "{:g}"),
+    ("seed", "seed", "{}"),
+    ("status", "status", "{}"),
+    ("f1", "F1", "{:.4f}"),
+    ("mcc", "MCC", "{:.4f}"),
+    ("explained_variance", "EV", "{:.4f}"),
+    ("l0", "L0", "{:.2f}"),
+    ("dead_latents", "dead", "{}"),
+    ("wall_seconds", "wall s", "{:.1f}"),
+    ("started", "started (UTC)", "{}"),
 ]
 BOARD_COLUMNS = [
-    ("source", "source", "{}"), ("protocol", "protocol", "{}"), ("arch", "arch", "{}"),
-    ("l0_target", "L0 target", "{:g}"), ("n_seeds", "seeds", "{}"), ("f1", "F1", "{}"), ("mcc", "MCC", "{}"),
-    ("uniqueness", "uniqueness", "{}"), ("explained_variance", "EV", "{}"), ("l0", "L0", "{}"),
-    ("dead_latents", "dead", "{}"), ("f1_best", "best F1", "{:.4f}"),
+    ("source", "source", "{}"),
+    ("protocol", "protocol", "{}"),
+    ("arch", "arch", "{}"),
+    ("l0_target", "L0 target", "{:g}"),
+    ("budget", "samples", "{}"),
+    ("n_seeds", "seeds", "{}"),
+    ("f1", "F1", "{}"),
+    ("f1_ci95", "F1 95% CI", "{}"),
+    ("mcc", "MCC", "{}"),
+    ("uniqueness", "uniqueness", "{}"),
+    ("explained_variance", "EV", "{}"),
+    ("l0", "L0", "{}"),
+    ("dead_latents", "dead", "{}"),
+    ("f1_best", "best F1", "{:.4f}"),
 ]
 
 
-def _open(store: Optional[Path], ctx: typer.Context | None = None):
+def _open(store: Path | None, ctx: typer.Context | None = None):
     """Open an existing store (read commands never create one); --store given before the sub-command also counts."""
     from saelab.bench.store import ResultsStore, default_store_path
 
@@ -53,12 +85,12 @@ def _l0_filter(values: list[str]) -> list[float] | None:
 @results_app.callback()
 def results(
     ctx: typer.Context,
-    store: Optional[Path] = typer.Option(None, help=STORE_HELP),
-    protocol: Optional[str] = typer.Option(None, help="Only runs of this protocol (mini, 16k, custom, ...)."),
+    store: Path | None = typer.Option(None, help=STORE_HELP),
+    protocol: str | None = typer.Option(None, help="Only runs of this protocol (mini, 16k, custom, ...)."),
     arch: list[str] = typer.Option([], help="Only these architectures."),
     l0: list[str] = typer.Option([], help="Only these target L0s, e.g. --l0 20 25."),
-    status: Optional[str] = typer.Option(None, help="running, complete, failed or incomplete (killed part-way)."),
-    since: Optional[str] = typer.Option(None, help="Only runs started at or after this ISO time (UTC if no zone)."),
+    status: str | None = typer.Option(None, help="running, complete, failed or incomplete (killed part-way)."),
+    since: str | None = typer.Option(None, help="Only runs started at or after this ISO time (UTC if no zone)."),
     json_output: bool = typer.Option(False, "--json", help="One JSON line per run."),
 ) -> None:
     """List the runs in a results store (killed runs show as incomplete)."""
@@ -75,6 +107,7 @@ def results(
         return
     for row in rows:
         row["started"] = (row.get("started_at") or "")[:19].replace("T", " ")
+        row["arch"] = escape(str(row["arch"]))  # `recipe[ista_steps=0]` is a name, not rich markup
     out.print(results_table(f"runs ({len(rows)})", rows, RUN_COLUMNS))
 
 
@@ -89,13 +122,15 @@ def _pm(row: dict[str, Any], metric: str) -> str | None:
 @results_app.command()
 def leaderboard(
     ctx: typer.Context,
-    store: Optional[Path] = typer.Option(None, help=STORE_HELP),
-    protocol: Optional[str] = typer.Option(None, help="Only this protocol."),
-    reference: bool = typer.Option(True, "--reference/--no-reference",
-                                   help="Show the published SynthSAEBench-16k baselines beside saelab's rows."),
+    store: Path | None = typer.Option(None, help=STORE_HELP),
+    protocol: str | None = typer.Option(None, help="Only this protocol."),
+    reference: bool = typer.Option(
+        True, "--reference/--no-reference", help="Show the published SynthSAEBench-16k baselines beside saelab's rows."
+    ),
     json_output: bool = typer.Option(False, "--json", help="One JSON line per leaderboard row."),
 ) -> None:
-    """Mean ± sd over seeds per (arch, L0) for complete runs, best mean F1 first."""
+    """Mean ± sd and the 95% interval of the mean over seeds per (arch, L0, budget) for complete runs, best mean
+    F1 first. A run on another budget than its protocol's is its own row."""
     rows = _open(store, ctx).leaderboard(protocol, include_reference=reference)
     if json_output:
         for row in rows:
@@ -104,8 +139,19 @@ def leaderboard(
     if not rows:
         console.print("no complete runs yet")
         return
-    display = [{**row, **{m: _pm(row, m) for m in ("f1", "mcc", "uniqueness", "explained_variance", "l0",
-                                                   "dead_latents")}} for row in rows]
+    from saelab.bench.export import format_budget
+    from saelab.bench.leaderboard import format_interval
+
+    display = [
+        {
+            **row,
+            "arch": escape(str(row["arch"])),
+            **{m: _pm(row, m) for m in ("f1", "mcc", "uniqueness", "explained_variance", "l0", "dead_latents")},
+            "budget": format_budget(row.get("samples"), row.get("protocol_samples")),
+            "f1_ci95": None if row["source"] == "published" else format_interval(row, "f1"),
+        }
+        for row in rows
+    ]
     protocols = {r["protocol"] for r in rows}
     columns = [c for c in BOARD_COLUMNS if c[0] != "protocol" or len(protocols) > 1]  # one protocol: in the title
     table = results_table(f"leaderboard ({', '.join(sorted(protocols))})", display, columns)
@@ -124,18 +170,20 @@ def leaderboard(
 def export(
     ctx: typer.Context,
     fmt: str = typer.Option(..., "--format", help="csv, json or md."),
-    out_path: Path = typer.Option(..., "--out", help="File to write (atomically)."),
+    out_path: Path = typer.Option(..., "--out", help="File to write (atomically; an existing file is replaced)."),
     board: bool = typer.Option(False, "--leaderboard", help="Export the leaderboard instead of the runs."),
-    store: Optional[Path] = typer.Option(None, help=STORE_HELP),
-    protocol: Optional[str] = typer.Option(None, help="Only this protocol."),
+    store: Path | None = typer.Option(None, help=STORE_HELP),
+    protocol: str | None = typer.Option(None, help="Only this protocol."),
     arch: list[str] = typer.Option([], help="Only these architectures (runs export)."),
     l0: list[str] = typer.Option([], help="Only these target L0s (runs export)."),
     reference: bool = typer.Option(True, "--reference/--no-reference", help="Include published rows (leaderboard)."),
 ) -> None:
     """Write the complete runs (or the leaderboard) as CSV, JSON or Markdown."""
-    from saelab.bench.store import export_leaderboard, export_runs, parse_export_format
+    from saelab.bench.export import export_leaderboard, export_runs, parse_export_format
+    from saelab.bench.paths import check_output_file
 
-    fmt = parse_export_format(fmt)  # fail on a bad format before reading anything
+    fmt = parse_export_format(fmt)  # fail on a bad format or --out before reading anything
+    check_output_file(out_path)
     results_store = _open(store, ctx)
     if board:
         rows = results_store.leaderboard(protocol, include_reference=reference)
@@ -151,17 +199,19 @@ def export(
 @results_app.command()
 def plot(
     ctx: typer.Context,
-    out_path: Path = typer.Option(..., "--out", help="PNG file to write."),
-    store: Optional[Path] = typer.Option(None, help=STORE_HELP),
-    protocol: Optional[str] = typer.Option(None, help="Only this protocol."),
+    out_path: Path = typer.Option(..., "--out", help="PNG file to write (an existing file is replaced)."),
+    store: Path | None = typer.Option(None, help=STORE_HELP),
+    protocol: str | None = typer.Option(None, help="Only this protocol."),
     reference: bool = typer.Option(False, "--reference", help="Add the published baselines as hollow markers."),
-    title: Optional[str] = typer.Option(None, help="Figure title."),
+    title: str | None = typer.Option(None, help="Figure title."),
 ) -> None:
     """F1 vs L0 and MCC vs L0, one line per architecture (mean ± sd over seeds)."""
-    from saelab.bench.store import plot_f1_vs_l0
+    from saelab.bench.paths import check_output_file
+    from saelab.bench.plots import plot_f1_vs_l0
 
     if out_path.suffix.lower() != ".png":
         raise ConfigError("out", str(out_path), "must end in .png")
+    check_output_file(out_path)
     rows = _open(store, ctx).leaderboard(protocol, include_reference=reference)
     if not any(r["source"] == "saelab" for r in rows) and not reference:
         raise ConfigError("protocol", protocol, "has no complete runs to plot")

@@ -1,11 +1,14 @@
 """Diagnostics a researcher runs on any SAE: the correct L0, absorption and hedging, superposition.
 
-    projection          s_n^dec (n-th decoder projection) and mean pairwise decoder |cos| (no ground truth)
-    l0                  L0 sweeps, the recommendation rule, plots; the ground-truth-init drift experiment
-    absorption          absorption per parent, hedging per latent, recall vs frequency (hierarchical ground truth)
-    absorption_theory   the 2-feature parent/child toy: closed-form losses and a tiny trained SAE
-    superposition       expected mean-max |cos| of N random vectors in d dims: closed form, simulation, inverse
-    report              `saelab diagnose`: all of the above for each SAE of a run
+projection          s_n^dec (n-th decoder projection) and mean pairwise decoder |cos| (no ground truth)
+l0_select           the L0 recommendation rule on a scored sweep (docs/l0_selection.md: how it was validated)
+l0_sweep            L0 sweeps: train one SAE per L0, score each without ground truth, recommend
+l0_plot             the sweep's figure
+l0_mechanism        the ground-truth-init drift experiment ("Sparse but Wrong" mechanism)
+absorption          absorption per parent, hedging per latent, recall vs frequency (hierarchical ground truth)
+absorption_theory   the 2-feature parent/child toy: closed-form losses and a tiny trained SAE
+superposition       expected mean-max |cos| of N random vectors in d dims: closed form, simulation, inverse
+report              `saelab diagnose`: all of the above for each SAE of a run
 """
 
 from saelab.diagnostics.absorption import HierarchyDiagnostics, hedging_stats, hierarchy_diagnostics, matched_latents
@@ -15,20 +18,10 @@ from saelab.diagnostics.absorption_theory import (
     evaluate_toy_solution,
     train_parent_child_toy,
 )
-from saelab.diagnostics.l0 import (
-    L0Point,
-    L0Recommendation,
-    L0SweepResult,
-    default_ns,
-    feature_mixing,
-    ground_truth_init_drift,
-    load_sweep,
-    plot_l0_sweep,
-    recommend_l0,
-    run_l0_sweep,
-    score_sae,
-    validate_l0_values,
-)
+from saelab.diagnostics.l0_mechanism import feature_mixing, ground_truth_init_drift
+from saelab.diagnostics.l0_plot import l0_sweep_figure, plot_l0_sweep
+from saelab.diagnostics.l0_select import L0Point, L0Recommendation, default_ns, recommend_l0, validate_l0_values
+from saelab.diagnostics.l0_sweep import L0SweepResult, load_sweep, run_l0_sweep, score_sae, score_sweep
 from saelab.diagnostics.projection import (
     decoder_pairwise_abs_cos,
     decoder_projections,
@@ -62,6 +55,7 @@ __all__ = [
     "ground_truth_init_drift",
     "hedging_stats",
     "hierarchy_diagnostics",
+    "l0_sweep_figure",
     "load_sweep",
     "matched_latents",
     "nth_decoder_projection",
@@ -70,6 +64,7 @@ __all__ = [
     "recommend_l0",
     "run_l0_sweep",
     "score_sae",
+    "score_sweep",
     "simulate_mean_max_abs_cos",
     "superposition_report",
     "train_parent_child_toy",

@@ -35,12 +35,15 @@ import torch
 from saelab.diagnostics.data import sample_model
 from saelab.diagnostics.projection import decoder_weights, unit_decoder
 from saelab.errors import ConfigError, require
+from saelab.plotting import FILE_DPI, new_figure, save_figure
 
 _CHUNK_ELEMENTS = 1 << 24
 
 
 @torch.no_grad()
-def matched_latents(W_dec_LD: torch.Tensor, feats_FD: torch.Tensor, min_match_cos: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def matched_latents(
+    W_dec_LD: torch.Tensor, feats_FD: torch.Tensor, min_match_cos: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """ℓ(i) = argmax_j cos(d̂_j, f_i) (−1 below `min_match_cos`) and that cos, per feature (chunked)."""
     d = W_dec_LD.float()
     d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -82,8 +85,11 @@ def parent_children(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(parents [P], children [P, C] padded with −1) from the model's hierarchy (direct children)."""
     h = getattr(model, "hierarchy", None)
     if h is None:
-        raise ConfigError("data", getattr(model, "cfg", type(model).__name__),
-                          "has no feature hierarchy: absorption needs parent/child ground truth")
+        raise ConfigError(
+            "data",
+            getattr(model, "cfg", type(model).__name__),
+            "has no feature hierarchy: absorption needs parent/child ground truth",
+        )
     parent_F = h.compiled.parent_F.cpu()
     kids: dict[int, list[int]] = {}
     for child, parent in enumerate(parent_F.tolist()):
@@ -112,8 +118,7 @@ class HierarchyDiagnostics:
     config: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self, per_item: bool = False) -> dict[str, Any]:
-        d: dict[str, Any] = {"summary": self.summary, "config": self.config,
-                             "top_features": self.top_features.tolist()}
+        d: dict[str, Any] = {"summary": self.summary, "config": self.config, "top_features": self.top_features.tolist()}
         if per_item:
             d["parents"] = self.parents.tolist()
             d["parent_stats"] = {k: v.tolist() for k, v in self.parent_stats.items()}
@@ -186,8 +191,11 @@ def hierarchy_diagnostics(
     feats_FD = model.feature_vectors_FD.detach()
     F, D = feats_FD.shape
     if W.shape[1] != D:
-        raise ConfigError("sae", f"d_in={W.shape[1]}",
-                          f"does not match the data's width hidden_dim={D}; SAE and data must have the same width")
+        raise ConfigError(
+            "sae",
+            f"d_in={W.shape[1]}",
+            f"does not match the data's width hidden_dim={D}; SAE and data must have the same width",
+        )
     dev = W.device
     feats = feats_FD.float().to(dev)
     feats = feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -206,7 +214,9 @@ def hierarchy_diagnostics(
     f_child = feats[child_safe.reshape(-1).to(dev)].reshape(P, C, -1)
     excess_pc = (d_child * f_par.unsqueeze(1)).sum(-1) - (f_child * f_par.unsqueeze(1)).sum(-1)
     absorbing_pc = (
-        child_valid.to(dev) & has_latent_F[child_safe].to(dev) & (excess_pc >= parent_cos)
+        child_valid.to(dev)
+        & has_latent_F[child_safe].to(dev)
+        & (excess_pc >= parent_cos)
         & (ell_safe_F[child_safe].to(dev) != ell_safe_F[parents].to(dev).unsqueeze(1))
     )
 
@@ -305,20 +315,43 @@ def hierarchy_diagnostics(
             "firing_frequency": freq_F[parents],
         },
         latent_stats=hedge | {"fired": fired_any_L.cpu()},
-        feature_stats={"firing_frequency": freq_F, "recall": recall_F, "matched_latent": ell_F,
-                       "matched_cos": ell_cos_F},
+        feature_stats={
+            "firing_frequency": freq_F,
+            "recall": recall_F,
+            "matched_latent": ell_F,
+            "matched_cos": ell_cos_F,
+        },
         top_features=top,
-        config={"n_samples": n_samples, "seed": seed, "parent_cos": parent_cos, "min_match_cos": min_match_cos,
-                "top_features": top_features, "min_count": min_count},
+        config={
+            "n_samples": n_samples,
+            "seed": seed,
+            "parent_cos": parent_cos,
+            "min_match_cos": min_match_cos,
+            "top_features": top_features,
+            "min_count": min_count,
+        },
     )
 
 
 def _plot_absorption(ax: Any, ps: dict[str, torch.Tensor], ok: torch.Tensor, rate: float) -> None:
-    ax.scatter(ps["firing_frequency"][ok], ps["miss_rate"][ok], s=10, alpha=0.6, label="parent latent silent (child active)")
-    ax.scatter(ps["firing_frequency"][ok], ps["absorption_rate"][ok], s=10, alpha=0.6,
-               label="absorbed (silent, child latent carries parent)")
-    ax.scatter(ps["firing_frequency"][ok], ps["miss_rate_parent_only"][ok], s=10, alpha=0.4, marker="x",
-               label="parent latent silent (parent only)")
+    ax.scatter(
+        ps["firing_frequency"][ok], ps["miss_rate"][ok], s=10, alpha=0.6, label="parent latent silent (child active)"
+    )
+    ax.scatter(
+        ps["firing_frequency"][ok],
+        ps["absorption_rate"][ok],
+        s=10,
+        alpha=0.6,
+        label="absorbed (silent, child latent carries parent)",
+    )
+    ax.scatter(
+        ps["firing_frequency"][ok],
+        ps["miss_rate_parent_only"][ok],
+        s=10,
+        alpha=0.4,
+        marker="x",
+        label="parent latent silent (parent only)",
+    )
     ax.set_xscale("log")
     ax.set_xlabel("parent firing frequency (fraction of inputs, log scale)")
     ax.set_ylabel("rate (fraction of inputs)")
@@ -334,20 +367,20 @@ def _weighted(num: torch.Tensor, den: torch.Tensor, mask: torch.Tensor) -> float
 def plot_hierarchy_diagnostics(diag: HierarchyDiagnostics, path: str | Path, title: str = "") -> Path:
     """Three panels: absorption per parent vs its firing frequency, hedging on the most frequent
     features, recall vs firing frequency."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from saelab.io import save_figure_atomic
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    fig = new_figure(16, 4.4, dpi=FILE_DPI)
+    axes = fig.subplots(1, 3)
     ps = diag.parent_stats
     ok = (ps["n_with_child"] >= diag.config.get("min_count", 1)) & ps["has_latent"]
     ax = axes[0]
     if not bool(ok.any()):
-        ax.text(0.5, 0.5, "no parent features with a latent\n(no hierarchy, or too few samples)", ha="center",
-                va="center", transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no parent features with a latent\n(no hierarchy, or too few samples)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
         ax.set_title("Absorption per parent")
         ax.set_xlabel("parent firing frequency (fraction of inputs)")
         ax.set_ylabel("rate (fraction of inputs)")
@@ -389,4 +422,4 @@ def plot_hierarchy_diagnostics(diag: HierarchyDiagnostics, path: str | Path, tit
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return save_figure_atomic(fig, path)
+    return save_figure(fig, path)

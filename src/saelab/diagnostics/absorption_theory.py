@@ -40,8 +40,12 @@ def _check_probs(p_both: float, p_parent_only: float) -> None:
     for name, v in (("p_both", p_both), ("p_parent_only", p_parent_only)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1:
             raise ConfigError(name, v, "must be a probability in [0, 1]")
-    require(p_both + p_parent_only <= 1 + 1e-12, "p_both + p_parent_only", p_both + p_parent_only,
-            "must be at most 1 (they are disjoint events)")
+    require(
+        p_both + p_parent_only <= 1 + 1e-12,
+        "p_both + p_parent_only",
+        p_both + p_parent_only,
+        "must be at most 1 (they are disjoint events)",
+    )
 
 
 def _check_lam(lam: float) -> None:
@@ -72,8 +76,9 @@ def toy_solutions() -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
-def evaluate_toy_solution(W_enc: torch.Tensor, W_dec: torch.Tensor, p_both: float, p_parent_only: float,
-                          lam: float, penalty: str = "l1") -> dict[str, float]:
+def evaluate_toy_solution(
+    W_enc: torch.Tensor, W_dec: torch.Tensor, p_both: float, p_parent_only: float, lam: float, penalty: str = "l1"
+) -> dict[str, float]:
     """Expected MSE, sparsity and total loss of a bias-free ReLU SAE on the exact toy distribution.
 
     Sparsity: L1 = Σ_j a_j·‖d_j‖ (SAELens's standard form) or L0 = #(a_j > 0)."""
@@ -165,9 +170,17 @@ class ToyTrainingResult:
         return self.absorption_rate > 0.5 and self.child_decoder_parent_cos > 0.3
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("tied", "absorption_rate", "parent_fires_on_parent_only",
-                                              "child_decoder_parent_cos", "parent_encoder_child_weight", "mse")} | {
-            "absorbed": self.absorbed}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "tied",
+                "absorption_rate",
+                "parent_fires_on_parent_only",
+                "child_decoder_parent_cos",
+                "parent_encoder_child_weight",
+                "mse",
+            )
+        } | {"absorbed": self.absorbed}
 
 
 def train_parent_child_toy(
@@ -197,8 +210,12 @@ def train_parent_child_toy(
     among those firing on parent-only inputs; the child latent is the other one."""
     _check_probs(p_both, p_parent_only)
     _check_lam(lam)
-    require(p_both > 0 and p_parent_only > 0, "p_both, p_parent_only", (p_both, p_parent_only),
-            "both must be > 0 to train the toy")
+    require(
+        p_both > 0 and p_parent_only > 0,
+        "p_both, p_parent_only",
+        (p_both, p_parent_only),
+        "both must be > 0 to train the toy",
+    )
     g = torch.Generator().manual_seed(int(seed))
     basis, _ = torch.linalg.qr(torch.randn(d, 2, generator=g))
     f = basis.T.contiguous()  # [2, d] orthonormal features
@@ -220,7 +237,7 @@ def train_parent_child_toy(
     states = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
 
     def forward(x: torch.Tensor):
-        enc = W_dec.T if tied else W_enc
+        enc = W_dec.T if W_enc is None else W_enc  # W_enc is None exactly when tied
         a = torch.relu((x - b_dec) @ enc + b_enc)
         return a, a @ W_dec + b_dec
 
@@ -243,7 +260,7 @@ def train_parent_child_toy(
         candidates = [j for j in range(2) if fires_parent_only[j]] or [0, 1]
         parent = max(candidates, key=lambda j: float(cos_parent[j]))
         child = 1 - parent
-        enc = (W_dec.T if tied else W_enc).detach()
+        enc = (W_dec.T if W_enc is None else W_enc).detach()
         mse = float((probs.double() * ((x_all - x_hat) ** 2).sum(1).double()).sum())
         return ToyTrainingResult(
             tied=tied,

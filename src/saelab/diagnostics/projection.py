@@ -53,7 +53,9 @@ def _check_batch(sae: Any, x_BD: torch.Tensor) -> tuple[int, int, int]:
         raise ConfigError("activations", tuple(getattr(x_BD, "shape", ())), "must be a [batch, d_in] tensor")
     if x_BD.shape[1] != D:
         raise ConfigError(
-            "activations", tuple(x_BD.shape), f"have width {x_BD.shape[1]} but the SAE's d_in is {D}; SAE and data must match"
+            "activations",
+            tuple(x_BD.shape),
+            f"have width {x_BD.shape[1]} but the SAE's d_in is {D}; SAE and data must match",
         )
     require(x_BD.shape[0] > 0, "activations", tuple(x_BD.shape), "need at least one input")
     return x_BD.shape[0], D, L

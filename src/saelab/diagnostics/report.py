@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -13,8 +14,8 @@ from saelab.errors import ConfigError
 
 def default_n_for(l0: float | None, width: int) -> int:
     """n for s_n^dec when diagnosing one SAE: twice its L0 (n must exceed the true L0), at most
-    0.45·width (see `l0.n_cap`)."""
-    from saelab.diagnostics.l0 import n_cap
+    0.45·width (see `l0_select.n_cap`)."""
+    from saelab.diagnostics.l0_select import n_cap
 
     base = 2 * int(math.ceil(l0)) if l0 and l0 > 0 else 32
     return max(1, min(base, n_cap(width)))
@@ -32,7 +33,7 @@ def diagnose_sae(
 ) -> tuple[dict[str, Any], Any]:
     """(summary row, HierarchyDiagnostics or None) for one SAE."""
     from saelab.diagnostics.absorption import hierarchy_diagnostics
-    from saelab.diagnostics.l0 import score_sae
+    from saelab.diagnostics.l0_sweep import score_sae
     from saelab.diagnostics.projection import decoder_weights
 
     W = decoder_weights(sae)
@@ -57,8 +58,9 @@ def diagnose_sae(
         diag = _flat_diagnostics(sae, model, n_samples, seed, top_features)
         row.update(diag.summary)
     else:
-        diag = hierarchy_diagnostics(sae, model, n_samples=n_samples, seed=seed, parent_cos=parent_cos,
-                                     top_features=top_features)
+        diag = hierarchy_diagnostics(
+            sae, model, n_samples=n_samples, seed=seed, parent_cos=parent_cos, top_features=top_features
+        )
         row.update(diag.summary)
     return row, diag
 
@@ -92,8 +94,11 @@ def _flat_diagnostics(sae: Any, model: Any, n_samples: int, seed: int, top_featu
     hedge = hedging_stats(d_unit, feats, top.to(d_unit.device))
     recall = torch.where(count_F > 0, hit_F / count_F.clamp_min(1), torch.zeros_like(hit_F))
     summary = {
-        "n_samples": float(done), "l0": l0_sum / done, "absorption_rate": math.nan,
-        "mean_mixing": float(hedge["mixing"].mean()), "mean_max_excess_cos": float(hedge["max_excess"].mean()),
+        "n_samples": float(done),
+        "l0": l0_sum / done,
+        "absorption_rate": math.nan,
+        "mean_mixing": float(hedge["mixing"].mean()),
+        "mean_max_excess_cos": float(hedge["max_excess"].mean()),
         "mean_excess_cos_top1": float(torch.nanmean(hedge["excess_top"][:, 0])),
         "mean_abs_excess_cos_top1": float(torch.nanmean(hedge["excess_top"][:, 0].abs())),
         "mean_excess_cos_top": float(torch.nanmean(hedge["excess_top"])),
@@ -101,13 +106,29 @@ def _flat_diagnostics(sae: Any, model: Any, n_samples: int, seed: int, top_featu
         "recall_weighted": float(hit_F.sum() / count_F.sum()) if count_F.sum() > 0 else math.nan,
     }
     return HierarchyDiagnostics(
-        summary=summary, parents=torch.zeros(0, dtype=torch.long),
-        parent_stats={k: torch.zeros(0) for k in ("n_with_child", "n_parent_only", "miss_rate", "miss_rate_parent_only",
-                                                   "absorption_rate", "firing_frequency")}
+        summary=summary,
+        parents=torch.zeros(0, dtype=torch.long),
+        parent_stats={
+            k: torch.zeros(0)
+            for k in (
+                "n_with_child",
+                "n_parent_only",
+                "miss_rate",
+                "miss_rate_parent_only",
+                "absorption_rate",
+                "firing_frequency",
+            )
+        }
         | {"has_latent": torch.zeros(0, dtype=torch.bool)},
-        latent_stats=hedge, feature_stats={"firing_frequency": (count_F / done).float(), "recall": recall.float(),
-                                           "matched_latent": ell_F, "matched_cos": ell_cos_F},
-        top_features=top, config={"n_samples": n_samples, "seed": seed, "top_features": top_features, "min_count": 1},
+        latent_stats=hedge,
+        feature_stats={
+            "firing_frequency": (count_F / done).float(),
+            "recall": recall.float(),
+            "matched_latent": ell_F,
+            "matched_cos": ell_cos_F,
+        },
+        top_features=top,
+        config={"n_samples": n_samples, "seed": seed, "top_features": top_features, "min_count": 1},
     )
 
 
@@ -122,8 +143,11 @@ def diagnose_run(
     top_features: int = 5,
     seed: int = 0,
     device: str = "cpu",
+    trust_code: bool = False,
 ) -> list[dict[str, Any]]:
-    """Diagnose each SAE folder; write `<out_dir>/<name>.png` plots and `<out_dir>/diagnostics.json`."""
+    """Diagnose each SAE folder; write `<out_dir>/<name>.png` plots and `<out_dir>/diagnostics.json`.
+
+    `trust_code`: import the class a folder's cfg.json names if it is not registered (see `load_sae`)."""
     from saelab.diagnostics.absorption import plot_hierarchy_diagnostics
     from saelab.diagnostics.data import resolve_data
     from saelab.io import write_json_atomic
@@ -141,9 +165,10 @@ def diagnose_run(
     results = []
     full = {}
     for folder in folders:
-        sae = load_sae(folder, device=device)
-        row, diag = diagnose_sae(sae, handle, n_samples=n_samples, n=n, parent_cos=parent_cos,
-                                 top_features=top_features, seed=seed)
+        sae = load_sae(folder, device=device, trust_code=trust_code)
+        row, diag = diagnose_sae(
+            sae, handle, n_samples=n_samples, n=n, parent_cos=parent_cos, top_features=top_features, seed=seed
+        )
         row = {"name": folder.name, "sae": str(folder), **row, "out_dir": str(out_dir)}
         if diag is not None:
             png = out_dir / f"{folder.name}.png"

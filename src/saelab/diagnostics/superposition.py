@@ -18,18 +18,29 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from saelab.errors import ConfigError, require
+from saelab.plotting import FILE_DPI, new_figure, save_figure
 
 MAX_LOG10_N = 300.0
 DEFAULT_N_LADDER = (4096, 16_384, 10**5, 10**7, 10**9, 10**11, 10**13)
 DEFAULT_INTERFERENCES = (0.05, 0.10, 0.15, 0.20)
 MAX_SIM_ELEMENTS = 100_000_000  # N·d floats held for a simulation (~400 MB)
+
+
+def _brentq(f: Callable[[float], float], a: float, b: float, *, xtol: float, rtol: float, maxiter: int) -> float:
+    """scipy's `brentq` root of f in [a, b], typed: scipy ships no annotations, so pyright infers
+    `rtol: float64` from its default and a tuple result (that is only with full_output=True)."""
+    from scipy.optimize import brentq
+
+    root = brentq(f, a, b, xtol=xtol, rtol=rtol, maxiter=maxiter)  # pyright: ignore[reportArgumentType]
+    return cast(float, root)
 
 
 def _check_d(d: Any) -> int:
@@ -87,8 +98,6 @@ def _integrand(t: float, d: int, n: float) -> float:
 
 def _transition(d: int, n: float) -> float:
     """t* with (N−1)·Q(t*) = 1 (where the integrand falls from ≈1 to ≈0)."""
-    from scipy.optimize import brentq
-
     log_m = math.log(n - 1.0)
 
     def f(t: float) -> float:
@@ -99,7 +108,7 @@ def _transition(d: int, n: float) -> float:
         return 0.0
     if f(1.0 - 1e-15) >= 0:
         return 1.0
-    return brentq(f, 1e-12, 1.0 - 1e-15, xtol=1e-14, rtol=1e-12, maxiter=500)
+    return _brentq(f, 1e-12, 1.0 - 1e-15, xtol=1e-14, rtol=1e-12, maxiter=500)
 
 
 def expected_mean_max_abs_cos(d: int, n: float | int) -> float:
@@ -142,8 +151,6 @@ def cap_bound(d: int, n: float | int) -> float:
 def vectors_for_interference(d: int, interference: float) -> float:
     """N at which E[ρ_mm] reaches `interference` for random vectors in R^d (real-valued; < 2 means
     even two random vectors interfere more). Returns ∞ beyond 10^300."""
-    from scipy.optimize import brentq
-
     d = _check_d(d)
     if isinstance(interference, bool) or not isinstance(interference, (int, float)) or not 0 < interference < 1:
         raise ConfigError("interference", interference, "must be a number in (0, 1)")
@@ -153,8 +160,14 @@ def vectors_for_interference(d: int, interference: float) -> float:
         return 1.0 + max(0.0, interference / f2)
     if _expected(d, 10.0**MAX_LOG10_N) < interference:
         return math.inf
-    x = brentq(lambda lx: _expected(d, 10.0**lx) - interference, math.log10(2.0), MAX_LOG10_N,
-               xtol=1e-6, rtol=1e-10, maxiter=200)
+    x = _brentq(
+        lambda lx: _expected(d, 10.0**lx) - interference,
+        math.log10(2.0),
+        MAX_LOG10_N,
+        xtol=1e-6,
+        rtol=1e-10,
+        maxiter=200,
+    )
     return 10.0**x
 
 
@@ -166,8 +179,12 @@ def simulate_mean_max_abs_cos(
     for `queries` of them, the max |cos| with all the others (an unbiased estimate of the mean)."""
     d = _check_d(d)
     n_f = _check_n(n)
-    require(n_f * d <= MAX_SIM_ELEMENTS, "n", n,
-            f"too large to simulate in d={d} (N·d must be ≤ {MAX_SIM_ELEMENTS:.0e}); use the closed form")
+    require(
+        n_f * d <= MAX_SIM_ELEMENTS,
+        "n",
+        n,
+        f"too large to simulate in d={d} (N·d must be ≤ {MAX_SIM_ELEMENTS:.0e}); use the closed form",
+    )
     n = int(n_f)
     require(isinstance(queries, int) and queries >= 1, "queries", queries, "must be a positive integer")
     q = min(queries, n)
@@ -231,45 +248,77 @@ def superposition_report(
         sim, stderr = simulate_mean_max_abs_cos(d, int(n), queries=queries, seed=seed)
     rows = []
     for m in sorted(set(float(x) for x in ladder) | {n}):
-        rows.append({"n": m, "log10_n": math.log10(m), "expected_mean_max_abs_cos": expected_mean_max_abs_cos(d, m),
-                     "approximation": approximation(d, m), "cap_bound": cap_bound(d, m)})
+        rows.append(
+            {
+                "n": m,
+                "log10_n": math.log10(m),
+                "expected_mean_max_abs_cos": expected_mean_max_abs_cos(d, m),
+                "approximation": approximation(d, m),
+                "cap_bound": cap_bound(d, m),
+            }
+        )
     inverse = []
     for eps in interferences:
         nv = vectors_for_interference(d, eps)
-        inverse.append({"max_interference": eps, "n_vectors": nv,
-                        "log10_n_vectors": math.log10(nv) if math.isfinite(nv) else math.inf})
+        inverse.append(
+            {
+                "max_interference": eps,
+                "n_vectors": nv,
+                "log10_n_vectors": math.log10(nv) if math.isfinite(nv) else math.inf,
+            }
+        )
     return SuperpositionReport(
-        d=d, n=n, expected_mean_max_abs_cos=expected_mean_max_abs_cos(d, n), approximation=approximation(d, n),
-        cap_bound=cap_bound(d, n), simulated=sim, simulated_stderr=stderr, ladder=rows, inverse=inverse,
+        d=d,
+        n=n,
+        expected_mean_max_abs_cos=expected_mean_max_abs_cos(d, n),
+        approximation=approximation(d, n),
+        cap_bound=cap_bound(d, n),
+        simulated=sim,
+        simulated_stderr=stderr,
+        ladder=rows,
+        inverse=inverse,
     )
 
 
 def plot_superposition(report: SuperpositionReport, path: str, extra_dims: tuple[int, ...] = ()) -> str:
     """E[ρ_mm] against N (closed form, approximation, cap bound, simulation) for the report's d."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from saelab.io import save_figure_atomic
-
     d = report.d
     top = max(13.0, math.log10(report.n) + 1)
     xs = np.linspace(math.log10(2.0), top, 80)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = new_figure(7, 4.5, dpi=FILE_DPI)
+    ax = fig.subplots()
     dims = [d] + [e for e in extra_dims if e != d]
     for j, dd in enumerate(dims):
         ys = [_expected(dd, float(10.0**x)) for x in xs]
         style = "-" if j == 0 else "--"
         ax.plot(10.0**xs, ys, style, label=f"closed form, d={dd}")
     ax.plot(10.0**xs, np.sqrt(2.0 * np.log(10.0**xs) / d), ":", color="gray", label=f"√(2 ln N / d), d={d}")
-    ax.plot(10.0**xs, np.sqrt(-np.expm1(-2.0 * np.log(10.0**xs) / (d - 1))), "-.", color="tab:purple", alpha=0.7,
-            label=f"cap bound √(1−N^(−2/(d−1))), d={d}")
-    ax.scatter([report.n], [report.expected_mean_max_abs_cos], color="black", zorder=5,
-               label=f"N={report.n:.6g}: {report.expected_mean_max_abs_cos:.4f}")
+    ax.plot(
+        10.0**xs,
+        np.sqrt(-np.expm1(-2.0 * np.log(10.0**xs) / (d - 1))),
+        "-.",
+        color="tab:purple",
+        alpha=0.7,
+        label=f"cap bound √(1−N^(−2/(d−1))), d={d}",
+    )
+    ax.scatter(
+        [report.n],
+        [report.expected_mean_max_abs_cos],
+        color="black",
+        zorder=5,
+        label=f"N={report.n:.6g}: {report.expected_mean_max_abs_cos:.4f}",
+    )
     if report.simulated is not None:
-        ax.errorbar([report.n], [report.simulated], yerr=[2 * (report.simulated_stderr or 0)], fmt="x", color="tab:red",
-                    capsize=4, zorder=6, label=f"simulated: {report.simulated:.4f}")
+        ax.errorbar(
+            [report.n],
+            [report.simulated],
+            yerr=[2 * (report.simulated_stderr or 0)],
+            fmt="x",
+            color="tab:red",
+            capsize=4,
+            zorder=6,
+            label=f"simulated: {report.simulated:.4f}",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("number of vectors N (log scale)")
     ax.set_ylabel("expected mean-max |cos| (unitless)")
@@ -277,4 +326,4 @@ def plot_superposition(report: SuperpositionReport, path: str, extra_dims: tuple
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return str(save_figure_atomic(fig, path))
+    return str(save_figure(fig, path))

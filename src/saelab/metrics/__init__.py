@@ -1,7 +1,8 @@
 """Metrics as streaming calculators: ground truth (F1/P/R, MCC, uniqueness) and reconstruction.
 
 Definitions follow SynthSAEBench (`sae_lens/synthetic/evals.py`) exactly; each calculator's
-docstring gives its formula. Shapes: B batch, D d_in, L SAE latents, F true features.
+docstring gives its formula. Transcoders on transcoder worlds: `transcoder`. Shapes: B batch, D d_in, L SAE latents, F true features. `names`
+holds every metric's key, label, format and direction (`METRICS`).
 """
 
 from saelab.metrics.classification import ClassificationCalculator, TrueFiringCalculator, per_true_feature_recall
@@ -13,6 +14,7 @@ from saelab.metrics.matching import (
     match_decoder_to_features,
     mean_correlation_coefficient,
 )
+from saelab.metrics.names import METRICS, MetricSpec, ground_truth_keys, metric, metric_keys, table_columns
 from saelab.metrics.reconstruction import (
     DeadLatentsCalculator,
     ExplainedVarianceCalculator,
@@ -22,6 +24,7 @@ from saelab.metrics.reconstruction import (
     ShrinkageCalculator,
     evaluate_reconstruction,
 )
+from saelab.metrics.transcoder import TranscoderResult, evaluate_transcoder
 
 __all__ = [
     "ClassificationCalculator",
@@ -30,15 +33,23 @@ __all__ = [
     "ExplainedVarianceCalculator",
     "GroundTruthResult",
     "L0Calculator",
+    "METRICS",
     "MSECalculator",
+    "MetricSpec",
     "ReconstructionCalculator",
     "ShrinkageCalculator",
+    "TranscoderResult",
     "TrueFiringCalculator",
     "evaluate_reconstruction",
     "evaluate_sae_on_synthetic",
+    "evaluate_transcoder",
     "feature_uniqueness",
+    "ground_truth_keys",
     "iter_abs_cos",
     "match_decoder_to_features",
     "mean_correlation_coefficient",
+    "metric",
+    "metric_keys",
     "per_true_feature_recall",
+    "table_columns",
 ]

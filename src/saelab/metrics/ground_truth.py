@@ -15,7 +15,6 @@ One pass over freshly sampled batches (never all samples at once) plus the decod
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,29 +28,19 @@ from saelab.metrics.classification import (
     per_true_feature_recall,
 )
 from saelab.metrics.matching import match_decoder_to_features
+from saelab.metrics.names import GROUND_TRUTH, RECONSTRUCTION, metric_keys
 from saelab.metrics.reconstruction import (
     ReconstructionCalculator,
+    SAELike,
     _EvalMode,
     encode_decode,
     resolve_device,
     sae_dims,
 )
+from saelab.seeding import seeded_sampling
 
-_SCALAR_FIELDS = (
-    "f1",
-    "precision",
-    "recall",
-    "accuracy",
-    "mcc",
-    "uniqueness",
-    "explained_variance",
-    "shrinkage",
-    "l0",
-    "true_l0",
-    "dead_latents",
-    "mse",
-    "n_samples",
-)
+# The result's scalar metrics, in the registry's order (its JSON order), plus the sample count.
+_SCALAR_FIELDS = (*metric_keys(GROUND_TRUTH, RECONSTRUCTION), "n_samples")
 
 
 @dataclass
@@ -110,6 +99,7 @@ def _check_model(model: Any) -> tuple[int, int, torch.Tensor]:
         tuple(getattr(feats_FD, "shape", ())),
         f"model.feature_vectors_FD must have shape [num_features, hidden_dim] = [{F}, {D}]",
     )
+    assert isinstance(F, int) and isinstance(D, int) and isinstance(feats_FD, torch.Tensor)  # checked above
     return F, D, feats_FD.detach()
 
 
@@ -120,33 +110,16 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
-@contextlib.contextmanager
-def _seeded(model: Any, seed: int | None, devices: list[torch.device]) -> Iterator[None]:
-    """Seed sampling for the duration, then put every RNG back as it was.
-
-    Seeds the global torch RNG (inside `fork_rng`) and, if the model keeps its own
-    `generator` (a torch.Generator, as saelab's SyntheticModel does), that one too."""
+def _seeded(model: Any, seed: int | None, devices: list[torch.device]) -> contextlib.AbstractContextManager[None]:
+    """Seed sampling for the duration (`seeded_sampling`), then put every RNG back as it was; no-op without a seed."""
     if seed is None:
-        yield
-        return
-    cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
-    gen = getattr(model, "generator", None)
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        if not isinstance(gen, torch.Generator):
-            yield
-            return
-        saved = gen.get_state()
-        gen.manual_seed(seed)
-        try:
-            yield
-        finally:
-            gen.set_state(saved)
+        return contextlib.nullcontext()
+    return seeded_sampling(model, seed, cuda_devices=sorted({d.index or 0 for d in devices if d.type == "cuda"}))
 
 
 @torch.no_grad()
 def evaluate_sae_on_synthetic(
-    sae: Any,
+    sae: SAELike,
     model: Any,
     n_samples: int,
     batch_size: int = 4096,
@@ -224,4 +197,3 @@ def evaluate_sae_on_synthetic(
         n_samples=rec["n_samples"],
         diagnostics=diagnostics,
     )
-

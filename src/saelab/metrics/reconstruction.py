@@ -7,7 +7,7 @@ the CPU so the result does not depend on how the samples were split into batches
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -191,7 +191,30 @@ class ReconstructionCalculator:
 # ----- running an SAE over batches ---------------------------------------------------------------
 
 
-def sae_dims(sae: Any) -> tuple[int, int]:
+class _SAEDims(Protocol):
+    @property
+    def d_in(self) -> int: ...
+
+    @property
+    def d_sae(self) -> int: ...
+
+
+class SAELike(Protocol):
+    """What the metrics read from an SAE: `cfg.d_in`, `cfg.d_sae`, `W_dec_LD` [d_sae, d_in], `encode`
+    (dense codes, or a SparseActs) and `decode`. A saelab `SAE` is one; so is any object with these."""
+
+    @property
+    def cfg(self) -> _SAEDims: ...
+
+    @property
+    def W_dec_LD(self) -> torch.Tensor: ...
+
+    def encode(self, x_BD: torch.Tensor, /) -> Any: ...
+
+    def decode(self, acts_BL: torch.Tensor, /) -> torch.Tensor: ...
+
+
+def sae_dims(sae: SAELike) -> tuple[int, int]:
     """(d_in, d_sae) from `sae.cfg`, checked against `sae.W_dec_LD`'s shape."""
     cfg = getattr(sae, "cfg", None)
     d_in, d_sae = getattr(cfg, "d_in", None), getattr(cfg, "d_sae", None)
@@ -204,10 +227,11 @@ def sae_dims(sae: Any) -> tuple[int, int]:
         tuple(getattr(W_dec_LD, "shape", ())),
         f"sae.W_dec_LD must have shape [d_sae, d_in] = [{d_sae}, {d_in}]",
     )
+    assert isinstance(d_in, int) and isinstance(d_sae, int)  # checked above
     return d_in, d_sae
 
 
-def resolve_device(sae: Any, device: str | torch.device | None) -> torch.device:
+def resolve_device(sae: SAELike, device: str | torch.device | None) -> torch.device:
     """The SAE's device, or `device` if given and equal to it (the SAE is never moved behind your back)."""
     sae_device = sae.W_dec_LD.device
     if device is None:
@@ -221,7 +245,7 @@ def resolve_device(sae: Any, device: str | torch.device | None) -> torch.device:
     return sae_device
 
 
-def encode_decode(sae: Any, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_decode(sae: SAELike, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(acts_BL, x_hat_BD) with dense codes; accepts SAEs whose encode returns a SparseActs."""
     acts = sae.encode(x_BD)
     if hasattr(acts, "to_dense") and not isinstance(acts, torch.Tensor):
@@ -234,7 +258,7 @@ def encode_decode(sae: Any, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 class _EvalMode:
     """Put an nn.Module SAE in eval mode for the duration, then restore its previous mode."""
 
-    def __init__(self, sae: Any):
+    def __init__(self, sae: object):
         self.sae = sae
         self.was_training = getattr(sae, "training", None)
 
@@ -249,7 +273,7 @@ class _EvalMode:
 
 @torch.no_grad()
 def evaluate_reconstruction(
-    sae: Any,
+    sae: SAELike,
     batches: Iterable[torch.Tensor],
     *,
     device: str | torch.device | None = None,

@@ -1,12 +1,12 @@
 """`saelab report`: one self-contained HTML page a researcher would rather look at than read.
 
-    from saelab.report import build_report
-    build_report("runs/results.sqlite", "report.html")    # or a run folder
+from saelab.report import build_report
+build_report("runs/results.sqlite", "report.html")    # or a run folder
 
-    data     read and check a run folder or a results store (partial runs, bad input)
-    figures  the matplotlib figures (Agg, PNG bytes)
-    html     the page: inline CSS, embedded images, sortable tables
-    build    re-evaluate the SAEs, assemble the sections, write the file
+data     read and check a run folder or a results store (partial runs, bad input)
+figures  the matplotlib figures (Agg, PNG bytes)
+html     the page: inline CSS, embedded images, sortable tables
+build    re-evaluate the SAEs, assemble the sections, write the file
 """
 
 from saelab.report.build import SECTION_IDS, ReportResult, build_report

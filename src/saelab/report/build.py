@@ -9,24 +9,29 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from saelab import __version__
 from saelab.errors import ConfigError, SaelabError
+from saelab.formatting import mean_sd_parts
 from saelab.io import write_text_atomic
+from saelab.metrics.names import LANGUAGE_MODEL, METRICS, metric_keys
+from saelab.plotting import figure_png_bytes
 from saelab.report import figures as figs
 from saelab.report.data import ReportSource, SAEEntry, load_report_source
 from saelab.report.html import Figure, Section, esc, key_values, page, table
 
+if TYPE_CHECKING:
+    from saelab.saes.base import SAE
+
 SECTION_IDS = ("leaderboard", "tradeoff", "features", "dictionary", "l0-sweep", "training", "geometry", "provenance")
 NO_GT = "needs ground truth, and this source has no ground-truth scores (e.g. a run on real-model activations)"
 L0_EVAL_SAMPLES = 4096  # held-out inputs for s_n^dec and measured L0 (the L0-sweep default)
+LEADERBOARD_METRICS = ("f1", "mcc", "uniqueness", "explained_variance", "l0", "dead_latents")
 
 
 @dataclass
@@ -84,11 +89,17 @@ def _lm_handle(cfg: dict[str, Any], device: str, reason: str | None) -> tuple[An
     from saelab.diagnostics.data import lm_data_handle
 
     try:
-        return lm_data_handle(str(model), str(dataset), layer=cfg.get("layer"), hook_module=cfg.get("hook_module"),
-                              context_size=int(cfg.get("context_size") or 128),
-                              text_column=str(cfg.get("text_column") or "text"),
-                              model_batch_size=int(cfg.get("model_batch_size") or 8),
-                              buffer_size=int(cfg.get("buffer_size") or 16384), device=device), None
+        return lm_data_handle(
+            str(model),
+            str(dataset),
+            layer=cfg.get("layer"),
+            hook_module=cfg.get("hook_module"),
+            context_size=int(cfg.get("context_size") or 128),
+            text_column=str(cfg.get("text_column") or "text"),
+            model_batch_size=int(cfg.get("model_batch_size") or 8),
+            buffer_size=int(cfg.get("buffer_size") or 16384),
+            device=device,
+        ), None
     except (SaelabError, OSError, RuntimeError, ValueError, ImportError) as err:
         return None, f"{reason}: cannot load it here: {err}"
 
@@ -96,8 +107,11 @@ def _lm_handle(cfg: dict[str, Any], device: str, reason: str | None) -> tuple[An
 class _Analysis:
     """Loads the data and SAEs once and keeps what several sections share."""
 
-    def __init__(self, src: ReportSource, eval_samples: int, seed: int, device: str, max_saes: int):
+    def __init__(
+        self, src: ReportSource, eval_samples: int, seed: int, device: str, max_saes: int, trust_code: bool = False
+    ):
         self.src, self.eval_samples, self.seed, self.device, self.max_saes = src, eval_samples, seed, device, max_saes
+        self.trust_code = trust_code
         self.notes: list[str] = []
         self.handle: Any = None
         self.data_error: str | None = None
@@ -114,7 +128,7 @@ class _Analysis:
                 self.handle = resolve_data(str(data), device=device)
             except (SaelabError, OSError, RuntimeError, ValueError) as err:
                 self.data_error = f"cannot rebuild the data {data!r}: {err}"
-        self._saes: dict[int, Any] = {}
+        self._saes: dict[int, SAE | None] = {}
         self._x: torch.Tensor | None = None
         self.diags: dict[int, tuple[dict[str, Any], Any]] = {}
 
@@ -125,7 +139,7 @@ class _Analysis:
     def on_disk(self) -> list[SAEEntry]:
         return [e for e in self.src.entries if e.folder is not None]
 
-    def sae(self, entry: SAEEntry) -> Any | None:
+    def sae(self, entry: SAEEntry) -> SAE | None:
         """The entry's SAE, loaded once; None (and the source marked partial) when its folder is unreadable."""
         key = id(entry)
         if key in self._saes:
@@ -135,7 +149,7 @@ class _Analysis:
             from saelab.saes.saelens_format import load_sae
 
             try:
-                sae = load_sae(entry.folder, device=self.device)
+                sae = load_sae(entry.folder, device=self.device, trust_code=self.trust_code)
             except SaelabError as err:
                 self.src.partial.append(f"SAE {entry.name} could not be loaded: {err}")
                 entry.missing_reason, entry.folder = str(err), None
@@ -154,8 +168,10 @@ class _Analysis:
         for e in self.on_disk():
             sae = self.sae(e)
             if sae is not None and int(sae.W_dec_LD.shape[1]) != int(self.handle.d_in):
-                return (f"the data {self.handle.spec!r} has width {self.handle.d_in} but SAE {e.name} has d_in "
-                        f"{int(sae.W_dec_LD.shape[1])}: they do not belong together")
+                return (
+                    f"the data {self.handle.spec!r} has width {self.handle.d_in} but SAE {e.name} has d_in "
+                    f"{int(sae.W_dec_LD.shape[1])}: they do not belong together"
+                )
         return None
 
     def x_or_reason(self) -> tuple[torch.Tensor | None, str | None]:
@@ -190,31 +206,41 @@ class _Analysis:
 
 # ------------------------------------------------------------------------------------------------ sections
 def _leaderboard(a: _Analysis) -> Section:
-    s = Section("leaderboard", "Leaderboard",
-                "saelab's runs (bold: the best) beside the published SynthSAEBench-16k reference rows (italic: "
-                "16k protocol, width 4,096, 200M samples — only rows of the same protocol compare directly). "
-                "Mean ± sd over seeds. Click a column header to sort.")
+    s = Section(
+        "leaderboard",
+        "Leaderboard",
+        "saelab's runs (bold: the best) beside the published SynthSAEBench-16k reference rows (italic: "
+        "16k protocol, width 4,096, 200M samples — only rows of the same protocol compare directly). "
+        "Mean ± sd over seeds. Click a column header to sort.",
+    )
     rows = a.src.leaderboard
     if not any(r.get("source") == "saelab" and r.get("f1_mean") is not None for r in rows):
         s.omitted = _no_gt_reason(a)
         return s
-    metrics = [("f1", "F1", 4), ("mcc", "MCC", 4), ("uniqueness", "uniqueness", 4), ("explained_variance", "EV", 4),
-               ("l0", "L0", 2), ("dead_latents", "dead", 1)]
+    metrics = [METRICS[k] for k in LEADERBOARD_METRICS]
     headers = [("source · protocol", "text"), ("arch", "text"), ("L0 target", "num"), ("seeds", "num")]
     several = any((r.get("n_seeds") or 0) > 1 for r in rows if r.get("source") == "saelab")
-    headers += [(label, "num") for _, label, _ in metrics] + ([("best F1", "num")] if several else []) + [("note", "text")]
+    headers += [(m.label, "num") for m in metrics] + ([("best F1", "num")] if several else []) + [("note", "text")]
     body, classes = [], []
-    best_f1 = max((r["f1_mean"] for r in rows if r.get("source") == "saelab" and r.get("f1_mean") is not None))
+    best_f1 = max(r["f1_mean"] for r in rows if r.get("source") == "saelab" and r.get("f1_mean") is not None)
     # saelab's rows first (best F1 first), then the published ones: the reader came for their own runs
     rows = sorted(rows, key=lambda r: r.get("source") != "saelab")
     for r in rows:
         src_proto = f"{r.get('source')} · {r.get('protocol')}"
-        cells = [(esc(src_proto), src_proto), (esc(r.get("arch")), r.get("arch")), (f"{r['l0_target']:g}", r["l0_target"]),
-                 (_fmt(r.get("n_seeds")), r.get("n_seeds"))]
-        for key, _, digits in metrics:
-            mean, sd = _num(r.get(f"{key}_mean")), _num(r.get(f"{key}_sd"))
+        cells = [
+            (esc(src_proto), src_proto),
+            (esc(r.get("arch")), r.get("arch")),
+            (f"{r['l0_target']:g}", r["l0_target"]),
+            (_fmt(r.get("n_seeds")), r.get("n_seeds")),
+        ]
+        for m in metrics:
+            mean, sd = _num(r.get(f"{m.key}_mean")), _num(r.get(f"{m.key}_sd"))
             one_seed = r.get("source") == "saelab" and (r.get("n_seeds") or 0) <= 1  # no sd from one seed
-            text = "—" if mean is None else f"{mean:.{digits}f}" + ("" if one_seed else f" <small>± {(sd or 0.0):.{digits}f}</small>")
+            if mean is None:
+                text = "—"
+            else:
+                mean_text, sd_text = mean_sd_parts(mean, sd, m.mean_digits)
+                text = mean_text if one_seed else f"{mean_text} <small>{sd_text}</small>"
             cells.append((text, mean))
         if several:
             cells.append((_fmt(_num(r.get("f1_best"))), _num(r.get("f1_best"))))
@@ -227,22 +253,32 @@ def _leaderboard(a: _Analysis) -> Section:
 
 
 def _tradeoff(a: _Analysis) -> Section:
-    s = Section("tradeoff", "F1, MCC, precision and recall against L0",
-                "Per architecture, mean ± sd over seeds. Too low an L0 forces latents to merge or absorb features "
-                "(recall falls); too high lets them fire on features that are not theirs (precision falls): the "
-                "L0 that balances the two is where F1 peaks.")
+    s = Section(
+        "tradeoff",
+        "F1, MCC, precision and recall against L0",
+        "Per architecture, mean ± sd over seeds. Too low an L0 forces latents to merge or absorb features "
+        "(recall falls); too high lets them fire on features that are not theirs (precision falls): the "
+        "L0 that balances the two is where F1 peaks.",
+    )
     gt = [e for e in a.src.entries if e.has_ground_truth]
     if not gt:
         s.omitted = _no_gt_reason(a)
         return s
-    s.body.append(Figure(figs.tradeoff_figure(gt), "F1, MCC, precision and recall against L0",
-                         "Bottom middle: precision against recall, each point labelled with its target L0.").html())
+    s.body.append(
+        Figure(
+            figs.tradeoff_figure(gt),
+            "F1, MCC, precision and recall against L0",
+            "Bottom middle: precision against recall, each point labelled with its target L0.",
+        ).html()
+    )
     per_arch: dict[str, set[float]] = {}
     for e in gt:
         per_arch.setdefault(e.arch, set()).add(e.l0_target)
     if all(len(v) == 1 for v in per_arch.values()):
-        s.body.append('<p class="omit">Each architecture was run at a single L0 here, so the curves are points; '
-                      "sweep L0 (e.g. <code>saelab bench --l0 8 10 12 14 16</code>) to see the trade-off.</p>")
+        s.body.append(
+            '<p class="omit">Each architecture was run at a single L0 here, so the curves are points; '
+            "sweep L0 (e.g. <code>saelab bench --l0 8 10 12 14 16</code>) to see the trade-off.</p>"
+        )
     return s
 
 
@@ -250,8 +286,11 @@ def _no_gt_reason(a: _Analysis) -> str:
     if not any(e.metrics for e in a.src.entries):
         if a.src.kind == "store":
             return "the store has no complete run"
-        return ("no SAE has results: the run stopped before its final evaluation" if a.src.partial
-                else "no SAE has results in this source")
+        return (
+            "no SAE has results: the run stopped before its final evaluation"
+            if a.src.partial
+            else "no SAE has results in this source"
+        )
     return NO_GT
 
 
@@ -269,11 +308,14 @@ def _need_model(a: _Analysis, s: Section) -> bool:
 
 
 def _features(a: _Analysis) -> Section:
-    s = Section("features", "Per true feature: recall against firing frequency",
-                f"Re-evaluated on {a.eval_samples:,} fresh samples from the ground-truth model, for the best SAE of "
-                "each architecture. A feature's recall is how often its matched latent (best decoder |cos|, at "
-                "least 0.5) fires when the feature is active. Frequent parents whose recall drops while their "
-                "children's does not are being absorbed; hedging shows as latents mixing in frequent features.")
+    s = Section(
+        "features",
+        "Per true feature: recall against firing frequency",
+        f"Re-evaluated on {a.eval_samples:,} fresh samples from the ground-truth model, for the best SAE of "
+        "each architecture. A feature's recall is how often its matched latent (best decoder |cos|, at "
+        "least 0.5) fires when the feature is active. Frequent parents whose recall drops while their "
+        "children's does not are being absorbed; hedging shows as latents mixing in frequent features.",
+    )
     if not _need_model(a, s):
         return s
     level_F = None
@@ -292,29 +334,56 @@ def _features(a: _Analysis) -> Section:
     if not panels:
         s.omitted = "no SAE could be re-evaluated (see the notes above)"
         return s
-    s.body.append(Figure(figs.recall_frequency_figure(panels), "recall against firing frequency per true feature",
-                         "Each dot is a true feature; black: mean recall in log-frequency bins. Features never "
-                         "active in the sample are left out.").html())
-    headers = [("SAE", "text"), ("absorption rate", "num"), ("parent silent | child active", "num"),
-               ("parent silent | parent alone", "num"), ("hedging |excess cos| (top feature)", "num"),
-               ("mixing 1−cos²", "num"), ("recall (activation-weighted)", "num"), ("features with a latent", "num")]
+    s.body.append(
+        Figure(
+            figs.recall_frequency_figure(panels),
+            "recall against firing frequency per true feature",
+            "Each dot is a true feature; black: mean recall in log-frequency bins. Features never "
+            "active in the sample are left out.",
+        ).html()
+    )
+    headers = [
+        ("SAE", "text"),
+        ("absorption rate", "num"),
+        ("parent silent | child active", "num"),
+        ("parent silent | parent alone", "num"),
+        ("hedging |excess cos| (top feature)", "num"),
+        ("mixing 1−cos²", "num"),
+        ("recall (activation-weighted)", "num"),
+        ("features with a latent", "num"),
+    ]
     body = []
     for e, r in rows:
-        vals = [r.get(k) for k in ("absorption_rate", "parent_miss_rate_with_child", "parent_miss_rate_parent_only",
-                                   "mean_abs_excess_cos_top1", "mean_mixing", "recall_weighted",
-                                   "features_with_latent")]
-        body.append([(esc(e.name), e.name)] + [(_fmt(_num(v), 0 if k == 6 else 3), _num(v)) for k, v in enumerate(vals)])
+        vals = [
+            r.get(k)
+            for k in (
+                "absorption_rate",
+                "parent_miss_rate_with_child",
+                "parent_miss_rate_parent_only",
+                "mean_abs_excess_cos_top1",
+                "mean_mixing",
+                "recall_weighted",
+                "features_with_latent",
+            )
+        ]
+        body.append(
+            [(esc(e.name), e.name)] + [(_fmt(_num(v), 0 if k == 6 else 3), _num(v)) for k, v in enumerate(vals)]
+        )
     s.body.append(table(headers, body))
-    s.body.append('<p class="lead">Absorption: the parent\'s latent is silent while a child\'s latent fires and '
-                  "carries the parent direction. Hedging: how much of the most frequent true feature other latents' "
-                  "decoders mix in beyond the geometry of their own feature.</p>")
+    s.body.append(
+        "<p class=\"lead\">Absorption: the parent's latent is silent while a child's latent fires and "
+        "carries the parent direction. Hedging: how much of the most frequent true feature other latents' "
+        "decoders mix in beyond the geometry of their own feature.</p>"
+    )
     return s
 
 
 def _dictionary(a: _Analysis, heatmap_latents: int) -> Section:
-    s = Section("dictionary", "The learned dictionary against the truth",
-                "How close each decoder row is to some true feature, and a sample of latents against the features "
-                "they match.")
+    s = Section(
+        "dictionary",
+        "The learned dictionary against the truth",
+        "How close each decoder row is to some true feature, and a sample of latents against the features they match.",
+    )
     if not _need_model(a, s):
         return s
     from saelab.metrics.matching import match_decoder_to_features
@@ -334,16 +403,28 @@ def _dictionary(a: _Analysis, heatmap_latents: int) -> Section:
     if not per_sae:
         s.omitted = "no SAE could be loaded"
         return s
-    s.body.append(Figure(figs.best_cos_figure(per_sae), "best |cos| of each latent with a true feature",
-                         f"Right: {esc(per_sae[0][0])}; a dead latent never fired on the {a.eval_samples:,} "
-                         "re-evaluation samples.").html())
+    s.body.append(
+        Figure(
+            figs.best_cos_figure(per_sae),
+            "best |cos| of each latent with a true feature",
+            f"Right: {esc(per_sae[0][0])}; a dead latent never fired on the {a.eval_samples:,} re-evaluation samples.",
+        ).html()
+    )
     e = next(x for x in focus if x.name == per_sae[0][0])
-    png, info = figs.similarity_heatmap_figure(e.name, a.sae(e).W_dec_LD.detach(), feats, n_latents=heatmap_latents,
-                                               seed=a.seed, live_L=per_sae[0][2])
-    s.body.append(Figure(png, "similarity heatmap of sampled latents and their matched true features",
-                         f"{info['latents']} live latents of {esc(e.name)} sampled at random; {info['features']} "
-                         f"distinct matched features ({info['shared']} latents share a feature with another sampled "
-                         f"latent); mean |cos| on the diagonal {info['diag_mean']:.3f}.").html())
+    sae = a.sae(e)
+    assert sae is not None  # per_sae holds only entries whose SAE loaded (and stays cached)
+    png, info = figs.similarity_heatmap_figure(
+        e.name, sae.W_dec_LD.detach(), feats, n_latents=heatmap_latents, seed=a.seed, live_L=per_sae[0][2]
+    )
+    s.body.append(
+        Figure(
+            png,
+            "similarity heatmap of sampled latents and their matched true features",
+            f"{info['latents']} live latents of {esc(e.name)} sampled at random; {info['features']} "
+            f"distinct matched features ({info['shared']} latents share a feature with another sampled "
+            f"latent); mean |cos| on the diagonal {info['diag_mean']:.3f}.",
+        ).html()
+    )
     return s
 
 
@@ -356,21 +437,27 @@ def _sweep_group(a: _Analysis) -> list[SAEEntry]:
 
 
 def _l0_sweep(a: _Analysis) -> Section:
-    s = Section("l0-sweep", "L0 sweep: the proxy metrics that need no ground truth",
-                "For one architecture trained at several L0s: the n-th decoder projection s<sub>n</sub><sup>dec</sup> "
-                "and the mean pairwise |cos| of decoder rows (both lower = cleaner), with saelab's recommended L0 "
-                "and, on synthetic data, the true L0 marked.")
+    s = Section(
+        "l0-sweep",
+        "L0 sweep: the proxy metrics that need no ground truth",
+        "For one architecture trained at several L0s: the n-th decoder projection s<sub>n</sub><sup>dec</sup> "
+        "and the mean pairwise |cos| of decoder rows (both lower = cleaner), with saelab's recommended L0 "
+        "and, on synthetic data, the true L0 marked.",
+    )
     group = _sweep_group(a)
     if not group:
         l0s = sorted({e.l0_target for e in a.on_disk()})
-        s.omitted = ("needs one architecture saved at two or more L0s; this source has "
-                     + (f"L0 {', '.join(f'{v:g}' for v in l0s)} only" if l0s else "no SAE weights on disk"))
+        s.omitted = "needs one architecture saved at two or more L0s; this source has " + (
+            f"L0 {', '.join(f'{v:g}' for v in l0s)} only" if l0s else "no SAE weights on disk"
+        )
         return s
     x, why = a.x_or_reason()
     if x is None:
         s.omitted = f"s_n^dec needs input activations: {why}"
         return s
-    from saelab.diagnostics.l0 import L0Point, L0SweepResult, default_ns, plot_l0_sweep, recommend_l0, score_sae, synthetic_true_l0
+    from saelab.diagnostics.l0_plot import l0_sweep_figure
+    from saelab.diagnostics.l0_select import L0Point, default_ns, recommend_l0
+    from saelab.diagnostics.l0_sweep import L0SweepResult, score_sae, synthetic_true_l0
 
     saes = [(e, a.sae(e)) for e in group]
     saes = [(e, sae) for e, sae in saes if sae is not None]
@@ -380,8 +467,16 @@ def _l0_sweep(a: _Analysis) -> Section:
     for e, sae in saes:
         s_dec, cos, measured = score_sae(sae, x.to(sae.W_dec_LD.device), ns)
         gt = {k: float(e.metrics[k]) for k in ("f1", "mcc") if _num(e.metrics.get(k)) is not None}
-        points.append(L0Point(l0_target=e.l0_target, s_dec=s_dec, decoder_abs_cos=cos, l0_measured=measured,
-                              name=e.name, ground_truth=gt))
+        points.append(
+            L0Point(
+                l0_target=e.l0_target,
+                s_dec=s_dec,
+                decoder_abs_cos=cos,
+                l0_measured=measured,
+                name=e.name,
+                ground_truth=gt,
+            )
+        )
     if len(points) < 2:
         s.omitted = "fewer than two SAEs of the sweep could be loaded"
         return s
@@ -389,15 +484,27 @@ def _l0_sweep(a: _Analysis) -> Section:
     true_l0 = first = None
     if a.model is not None:
         true_l0, first = synthetic_true_l0(a.model, width, n_samples=min(a.eval_samples, 50_000))
-    sweep = L0SweepResult(data=str(a.src.data), arch=group[0].arch, width=width, points=points, recommendation=rec,
-                          true_l0=true_l0, true_l0_first_width=first)
-    with tempfile.TemporaryDirectory(prefix="saelab-report-") as tmp:
-        png = plot_l0_sweep(sweep, Path(tmp) / "l0_sweep.png").read_bytes()
-    truth = (f"; true L0 of the first {width} features {first:.2f} (all features {true_l0:.2f})"
-             if first is not None else "")
-    s.body.append(Figure(png, "L0 proxy metrics against L0",
-                         f"{esc(group[0].arch)}, width {width}, L0 {', '.join(f'{p.l0_target:g}' for p in points)}. "
-                         f"Recommended L0 <b>{rec.recommended_l0:g}</b> ({esc(rec.method)}){esc(truth)}.").html())
+    sweep = L0SweepResult(
+        data=str(a.src.data),
+        arch=group[0].arch,
+        width=width,
+        points=points,
+        recommendation=rec,
+        true_l0=true_l0,
+        true_l0_first_width=first,
+    )
+    png = figure_png_bytes(l0_sweep_figure(sweep))
+    truth = (
+        f"; true L0 of the first {width} features {first:.2f} (all features {true_l0:.2f})" if first is not None else ""
+    )
+    s.body.append(
+        Figure(
+            png,
+            "L0 proxy metrics against L0",
+            f"{esc(group[0].arch)}, width {width}, L0 {', '.join(f'{p.l0_target:g}' for p in points)}. "
+            f"Recommended L0 <b>{rec.recommended_l0:g}</b> ({esc(rec.method)}){esc(truth)}.",
+        ).html()
+    )
     if rec.warnings:
         s.body.append("<ul>" + "".join(f'<li class="omit">{esc(w)}</li>' for w in rec.warnings) + "</ul>")
     return s
@@ -410,22 +517,26 @@ def _training(a: _Analysis) -> Section:
         names = sorted({k.split("/")[0] for h in a.src.history for k in h if "/" in k})
     png = figs.history_figure(a.src.history, names) if a.src.history else None
     if png is None:
-        where = ("the best run's folder" if a.src.kind == "store" else "run.json")
+        where = "the best run's folder" if a.src.kind == "store" else "run.json"
         s.omitted = f"{where} has no training history" + (
             f" ({a.src.store_summary.get('best_run_dir') or 'run folder not on this machine'})"
-            if a.src.kind == "store" else "")
+            if a.src.kind == "store"
+            else ""
+        )
         return s
     s.body.append(Figure(png, "loss, L0, explained variance and dead latents during training").html())
     return s
 
 
 def _geometry(a: _Analysis) -> Section:
-    s = Section("geometry", "Decoder geometry and reconstruction (no ground truth needed)",
-                "Weights-only and activation-only measures that work on any SAE, including ones trained on a real "
-                "model.")
+    s = Section(
+        "geometry",
+        "Decoder geometry and reconstruction (no ground truth needed)",
+        "Weights-only and activation-only measures that work on any SAE, including ones trained on a real model.",
+    )
     entries = [e for e in a.on_disk()][: max(a.max_saes, 8)]
     # spliced-LM metrics, recorded by runs on a language model's activations
-    lm = [k for k in ("ce_loss_recovered", "kl_div") if any(_num(e.metrics.get(k)) is not None for e in entries)]
+    lm = [k for k in metric_keys(LANGUAGE_MODEL) if any(_num(e.metrics.get(k)) is not None for e in entries)]
     rows, hist = [], []
     x, why = a.x_or_reason()
     from saelab.diagnostics.projection import decoder_pairwise_abs_cos
@@ -441,31 +552,51 @@ def _geometry(a: _Analysis) -> Section:
         cos = decoder_pairwise_abs_cos(W)
         s_dec = n = measured = None
         if x is not None:
-            from saelab.diagnostics.l0 import score_sae
+            from saelab.diagnostics.l0_sweep import score_sae
 
             _, _, measured = score_sae(sae, x.to(W.device), [1])
             n = default_n_for(measured, W.shape[0])
             s_dec = score_sae(sae, x.to(W.device), [n])[0][n] if n < W.shape[0] else None
-        rows.append([(esc(e.name), e.name), (f"{e.l0_target:g}", e.l0_target),
-                     (_fmt(_num(measured), 2), _num(measured)),
-                     (_fmt(_num(e.metrics.get("explained_variance")), 4), _num(e.metrics.get("explained_variance"))),
-                     (_fmt(e.metrics.get("dead_latents")), _num(e.metrics.get("dead_latents"))),
-                     (_fmt(n), n), (_fmt(_num(s_dec), 4), _num(s_dec)), (_fmt(cos, 4), cos),
-                     (_fmt(float(mx.median()), 3), float(mx.median()))]
-                    + [(_fmt(_num(e.metrics.get(k)), 4), _num(e.metrics.get(k))) for k in lm])
+        rows.append(
+            [
+                (esc(e.name), e.name),
+                (f"{e.l0_target:g}", e.l0_target),
+                (_fmt(_num(measured), 2), _num(measured)),
+                (_fmt(_num(e.metrics.get("explained_variance")), 4), _num(e.metrics.get("explained_variance"))),
+                (_fmt(e.metrics.get("dead_latents")), _num(e.metrics.get("dead_latents"))),
+                (_fmt(n), n),
+                (_fmt(_num(s_dec), 4), _num(s_dec)),
+                (_fmt(cos, 4), cos),
+                (_fmt(float(mx.median()), 3), float(mx.median())),
+            ]
+            + [(_fmt(_num(e.metrics.get(k)), 4), _num(e.metrics.get(k))) for k in lm]
+        )
     if not rows:
         reasons = sorted({e.missing_reason for e in a.src.entries if e.missing_reason})
         s.omitted = "no SAE weights on disk" + (f" ({'; '.join(reasons)})" if reasons else "")
         return s
-    headers = [("SAE", "text"), ("L0 target", "num"), ("L0 measured", "num"), ("EV", "num"), ("dead", "num"),
-               ("n", "num"), ("s_n^dec", "num"), ("decoder mean |cos|", "num"), ("median max |cos|", "num")]
-    if lm:
-        headers += [("CE loss recovered", "num"), ("KL div (nats/token)", "num")]
+    headers = [
+        ("SAE", "text"),
+        ("L0 target", "num"),
+        ("L0 measured", "num"),
+        (METRICS["explained_variance"].label, "num"),
+        (METRICS["dead_latents"].label, "num"),
+        ("n", "num"),
+        ("s_n^dec", "num"),
+        ("decoder mean |cos|", "num"),
+        ("median max |cos|", "num"),
+    ]
+    headers += [(METRICS[k].axis_label, "num") for k in lm]
     s.body.append(table(headers, rows))
     if x is None:
         s.body.append(f'<p class="omit">s_n^dec and the measured L0 need input activations: {esc(why)}.</p>')
-    s.body.append(Figure(figs.decoder_geometry_figure(hist), "decoder self-similarity histogram",
-                         "A latent whose decoder row nearly repeats another's (|cos| near 1) is a duplicate.").html())
+    s.body.append(
+        Figure(
+            figs.decoder_geometry_figure(hist),
+            "decoder self-similarity histogram",
+            "A latent whose decoder row nearly repeats another's (|cos| near 1) is a duplicate.",
+        ).html()
+    )
     return s
 
 
@@ -473,19 +604,25 @@ def _provenance(a: _Analysis) -> Section:
     s = Section("provenance", "Configuration and provenance")
     env = a.src.envelope
     hw = env.get("hardware") or {}
-    items = [("source", f"{a.src.kind}: {a.src.path}"), ("status", env.get("status")),
-             ("saelab version", env.get("saelab_version")), ("commit", env.get("commit")),
-             ("started (UTC)", env.get("time")), ("wall time", _duration(env.get("wall_seconds"))),
-             ("config hash", env.get("config_hash"))]
+    items = [
+        ("source", f"{a.src.kind}: {a.src.path}"),
+        ("status", env.get("status")),
+        ("saelab version", env.get("saelab_version")),
+        ("commit", env.get("commit")),
+        ("started (UTC)", env.get("time")),
+        ("wall time", _duration(env.get("wall_seconds"))),
+        ("config hash", env.get("config_hash")),
+    ]
     if a.src.kind == "store":
         ss = a.src.store_summary
-        items = [("source", f"results store: {a.src.path}"),
-                 ("runs", f"{ss.get('runs')} ({ss.get('complete')} complete)"),
-                 ("protocols", ", ".join(ss.get("protocols", []))),
-                 ("first / last started (UTC)", f"{ss.get('first_started')} / {ss.get('last_started')}"),
-                 ("total wall time", _duration(ss.get("total_wall_seconds"))),
-                 ("shown below", f"run {env.get('run_id')} (the best F1), its run folder {ss.get('best_run_dir')}")] + \
-            items[1:]
+        items = [
+            ("source", f"results store: {a.src.path}"),
+            ("runs", f"{ss.get('runs')} ({ss.get('complete')} complete)"),
+            ("protocols", ", ".join(ss.get("protocols", []))),
+            ("first / last started (UTC)", f"{ss.get('first_started')} / {ss.get('last_started')}"),
+            ("total wall time", _duration(ss.get("total_wall_seconds"))),
+            ("shown below", f"run {env.get('run_id')} (the best F1), its run folder {ss.get('best_run_dir')}"),
+        ] + items[1:]
     if a.src.kind == "run" and env.get("train_samples_per_second"):
         items.append(("training throughput", f"{env['train_samples_per_second']:,.0f} samples/s"))
     items += [(f"hardware: {k}", v) for k, v in hw.items()]
@@ -504,10 +641,21 @@ def _provenance(a: _Analysis) -> Section:
 
 
 # ------------------------------------------------------------------------------------------------ entry point
-def build_report(source: str | Path, out: str | Path, *, eval_samples: int = 50_000, seed: int = 0,
-                 device: str = "cpu", max_saes: int = 4, heatmap_latents: int = 40,
-                 command: str | None = None) -> ReportResult:
-    """Write the HTML report for a run folder or results store to `out` (atomically) and return what it holds."""
+def build_report(
+    source: str | Path,
+    out: str | Path,
+    *,
+    eval_samples: int = 50_000,
+    seed: int = 0,
+    device: str = "cpu",
+    max_saes: int = 4,
+    heatmap_latents: int = 40,
+    command: str | None = None,
+    trust_code: bool = False,
+) -> ReportResult:
+    """Write the HTML report for a run folder or results store to `out` (atomically) and return what it holds.
+
+    `trust_code`: import the class an SAE folder's cfg.json names if it is not registered (see `load_sae`)."""
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise ConfigError("out", str(out), "must end in .html")
@@ -517,31 +665,41 @@ def build_report(source: str | Path, out: str | Path, *, eval_samples: int = 50_
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ConfigError(name, v, "must be a positive integer")
     src = load_report_source(source)
-    a = _Analysis(src, eval_samples, seed, device, max_saes)
-    sections = [_leaderboard(a), _tradeoff(a), _features(a), _dictionary(a, heatmap_latents), _l0_sweep(a),
-                _training(a), _geometry(a), _provenance(a)]
+    a = _Analysis(src, eval_samples, seed, device, max_saes, trust_code=trust_code)
+    sections = [
+        _leaderboard(a),
+        _tradeoff(a),
+        _features(a),
+        _dictionary(a, heatmap_latents),
+        _l0_sweep(a),
+        _training(a),
+        _geometry(a),
+        _provenance(a),
+    ]
     notes = list(a.notes)
     if src.kind == "store":
         missing = [e for e in src.entries if e.folder is None]
         if missing and any(e.folder for e in src.entries):
-            notes.append(f"{len(missing)} complete run(s) have no SAE folder on disk ({missing[0].missing_reason}, "
-                         "...): their per-feature sections are not shown")
+            notes.append(
+                f"{len(missing)} complete run(s) have no SAE folder on disk ({missing[0].missing_reason}, "
+                "...): their per-feature sections are not shown"
+            )
     env = src.envelope
     data = src.data or "unknown data"
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = f"saelab report — {src.path.name}"
-    subtitle = (f"{esc('run folder' if src.kind == 'run' else 'results store')} <code>{esc(src.path)}</code> · data "
-                f"<code>{esc(data)}</code> · saelab {esc(env.get('saelab_version'))} · commit "
-                f"<code>{esc(str(env.get('commit'))[:12])}</code> · {len(src.entries)} SAE(s)"
-                + (" · <b>PARTIAL</b>" if src.partial else ""))
-    footer = (f"Generated {esc(when)} by saelab {esc(__version__)}"
-              + (f" with <code>{esc(command)}</code>" if command else "")
-              + ". Self-contained: every figure is embedded; the file needs no network.")
+    subtitle = (
+        f"{esc('run folder' if src.kind == 'run' else 'results store')} <code>{esc(src.path)}</code> · data "
+        f"<code>{esc(data)}</code> · saelab {esc(env.get('saelab_version'))} · commit "
+        f"<code>{esc(str(env.get('commit'))[:12])}</code> · {len(src.entries)} SAE(s)"
+        + (" · <b>PARTIAL</b>" if src.partial else "")
+    )
+    footer = (
+        f"Generated {esc(when)} by saelab {esc(__version__)}"
+        + (f" with <code>{esc(command)}</code>" if command else "")
+        + ". Self-contained: every figure is embedded; the file needs no network."
+    )
     text = page(title, subtitle, sections, src.partial, notes, footer)
-    write_text_atomic(out, text)
-    # the temporary file behind the atomic write is private (0600); a report is meant to be opened and shared
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(out, 0o666 & ~umask)
+    write_text_atomic(out, text)  # mode 0666 minus the umask, as any new file: a report is meant to be shared
     images = text.count("<img ")
     return ReportResult(path=out, source=src, sections=sections, partial=list(src.partial), images=images, notes=notes)

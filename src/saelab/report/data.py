@@ -17,12 +17,12 @@ from typing import Any
 
 from saelab import __version__
 from saelab.errors import ConfigError, FileFormatError
+from saelab.metrics.names import ground_truth_keys
 
 # Keys every run.json written by `run_training` carries (the provenance envelope).
 ENVELOPE_KEYS = ("config", "saelab_version", "commit", "hardware", "time")
 # run.json files carry no format number of their own yet; this is the one they implicitly have.
 RUN_FORMAT_VERSION = 1
-GROUND_TRUTH_KEYS = ("f1", "precision", "recall", "mcc")
 _SQLITE_HEADER = b"SQLite format 3\x00"
 
 
@@ -44,7 +44,7 @@ class SAEEntry:
 
     @property
     def has_ground_truth(self) -> bool:
-        return any(self.metrics.get(k) is not None for k in GROUND_TRUTH_KEYS)
+        return any(self.metrics.get(k) is not None for k in ground_truth_keys())
 
 
 @dataclass
@@ -111,26 +111,32 @@ def check_version(saelab_version: Any, where: str) -> None:
     """A file written by a saelab whose major version differs from ours has a layout we cannot promise to read."""
     theirs, ours = _parse_version(saelab_version), _parse_version(__version__)
     if theirs is None:
-        raise FileFormatError(f"{where}: saelab_version={saelab_version!r} is not a version number; "
-                              "not a file written by saelab")
+        raise FileFormatError(
+            f"{where}: saelab_version={saelab_version!r} is not a version number; not a file written by saelab"
+        )
     if ours is not None and theirs[0] != ours[0]:
-        raise FileFormatError(f"{where} was written by saelab {saelab_version}, incompatible with this saelab "
-                              f"{__version__} (major version {theirs[0]} ≠ {ours[0]}); report it with a matching saelab")
+        raise FileFormatError(
+            f"{where} was written by saelab {saelab_version}, incompatible with this saelab "
+            f"{__version__} (major version {theirs[0]} ≠ {ours[0]}); report it with a matching saelab"
+        )
 
 
 def load_report_source(path: str | Path) -> ReportSource:
     """A run folder or a results store, validated (see the module docstring)."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileFormatError(f"{path} does not exist: give a run folder (run.json + saes/) or a results store "
-                              "(.sqlite)")
+        raise FileFormatError(
+            f"{path} does not exist: give a run folder (run.json + saes/) or a results store (.sqlite)"
+        )
     if path.is_dir():
         if (path / "run.json").exists():
             return load_run_folder(path)
         if not any(path.iterdir()):
             raise FileFormatError(f"{path} is an empty folder: not a run folder (no run.json)")
-        raise FileFormatError(f"{path} has no run.json: not a run folder (give the folder `saelab train` or "
-                              "`saelab bench` wrote, or a results store)")
+        raise FileFormatError(
+            f"{path} has no run.json: not a run folder (give the folder `saelab train` or "
+            "`saelab bench` wrote, or a results store)"
+        )
     if path.stat().st_size == 0:
         raise FileFormatError(f"{path} is an empty file: not a results store")
     if path.name == "run.json":
@@ -162,8 +168,10 @@ def read_run_json(run_dir: Path) -> dict[str, Any]:
         raise FileFormatError(f"{p} lacks the envelope key(s) {', '.join(missing)}: not a run.json written by saelab")
     fmt = record.get("format_version", RUN_FORMAT_VERSION)
     if fmt != RUN_FORMAT_VERSION:
-        raise FileFormatError(f"{p}: format_version={fmt!r} is not one this saelab {__version__} reads "
-                              f"({RUN_FORMAT_VERSION}); report it with a matching saelab")
+        raise FileFormatError(
+            f"{p}: format_version={fmt!r} is not one this saelab {__version__} reads "
+            f"({RUN_FORMAT_VERSION}); report it with a matching saelab"
+        )
     check_version(record["saelab_version"], str(p))
     if not isinstance(record["config"], dict):
         raise FileFormatError(f"{p}: config must be an object, got {type(record['config']).__name__}")
@@ -177,6 +185,8 @@ def read_run_json(run_dir: Path) -> dict[str, Any]:
 
 
 def _sae_names_from_config(cfg: dict[str, Any]) -> list[tuple[str, str, float]]:
+    from saelab.saes.registry import arch_label
+
     archs, l0s = cfg.get("arch") or [], cfg.get("l0") or []
     if isinstance(archs, str):
         archs = [archs]
@@ -186,7 +196,7 @@ def _sae_names_from_config(cfg: dict[str, Any]) -> list[tuple[str, str, float]]:
     for arch in archs:
         for l0 in l0s:
             try:
-                out.append((f"{arch}-l0_{float(l0):g}", str(arch), float(l0)))
+                out.append((f"{arch_label(str(arch))}-l0_{float(l0):g}", str(arch), float(l0)))
             except (TypeError, ValueError):
                 raise FileFormatError(f"run.json config: l0={l0!r} is not a number") from None
     return out
@@ -197,15 +207,25 @@ def load_run_folder(run_dir: Path) -> ReportSource:
     cfg = record["config"]
     status = record.get("status", "complete")
     partial: list[str] = []
-    if status == "running":
-        partial.append("run.json says the run is still running: it was killed mid-way or is in progress "
-                       f"({'a checkpoint exists' if (run_dir / 'checkpoint.pt').exists() else 'no checkpoint'}); "
-                       "only what it saved is shown")
-    results = {r.get("name"): r for r in record.get("results", []) if isinstance(r, dict)}
+    if status in ("running", "interrupted", "diverged"):
+        has_ckpt = (run_dir / "checkpoint" / "checkpoint.json").exists()
+        said = {
+            "running": "is still running: it was killed mid-way or is in progress",
+            "interrupted": "was interrupted (SIGINT/SIGTERM)",
+            "diverged": "diverged",
+        }[status]
+        partial.append(
+            f"run.json says the run {said} "
+            f"({'a checkpoint exists' if has_ckpt else 'no checkpoint'}); "
+            "only what it saved is shown"
+        )
+    results: dict[Any, dict[str, Any]] = {r.get("name"): r for r in record.get("results", []) if isinstance(r, dict)}
     expected = _sae_names_from_config(cfg)
     saes_dir = run_dir / "saes"
     entries = []
-    for name, arch, l0 in expected or [(n, str(r.get("arch")), float(r.get("l0_target", 0))) for n, r in results.items()]:
+    for name, arch, l0 in expected or [
+        (n, str(r.get("arch")), float(r.get("l0_target", 0))) for n, r in results.items()
+    ]:
         folder = saes_dir / name
         reason = None
         if not (folder / "cfg.json").exists():
@@ -218,18 +238,35 @@ def load_run_folder(run_dir: Path) -> ReportSource:
             continue
         if folder is None and status == "complete":
             partial.append(f"SAE {name}: {reason}; its per-feature sections are omitted")
-        entries.append(SAEEntry(name=name, arch=arch, l0_target=l0, seed=int(cfg.get("seed", 0) or 0),
-                                metrics=metrics, folder=folder, data=data_of(cfg)[0], run_dir=run_dir,
-                                width=cfg.get("width"), missing_reason=reason))
+        entries.append(
+            SAEEntry(
+                name=name,
+                arch=arch,
+                l0_target=l0,
+                seed=int(cfg.get("seed", 0) or 0),
+                metrics=metrics,
+                folder=folder,
+                data=data_of(cfg)[0],
+                run_dir=run_dir,
+                width=cfg.get("width"),
+                missing_reason=reason,
+            )
+        )
     if status == "running" and not entries:
         partial.append("no SAE of this run was saved before it stopped")
-    envelope = {k: record.get(k) for k in (*ENVELOPE_KEYS, "config_hash", "wall_seconds",
-                                          "train_samples_per_second")}
+    envelope = {k: record.get(k) for k in (*ENVELOPE_KEYS, "config_hash", "wall_seconds", "train_samples_per_second")}
     envelope["status"] = status
     board = _run_leaderboard(entries)
     history = [h for h in record.get("history", []) if isinstance(h, dict)]
-    return ReportSource(kind="run", path=run_dir, entries=entries, leaderboard=board, envelope=envelope,
-                        history=history, partial=partial)
+    return ReportSource(
+        kind="run",
+        path=run_dir,
+        entries=entries,
+        leaderboard=board,
+        envelope=envelope,
+        history=history,
+        partial=partial,
+    )
 
 
 def _run_leaderboard(entries: list[SAEEntry]) -> list[dict[str, Any]]:
@@ -241,8 +278,18 @@ def _run_leaderboard(entries: list[SAEEntry]) -> list[dict[str, Any]]:
         if not e.metrics:
             continue
         stats = summary([e.metrics])
-        rows.append({"source": "saelab", "protocol": e.protocol, "arch": e.arch, "l0_target": e.l0_target,
-                     "n_seeds": stats.pop("n"), **stats, "citation": None, "note": e.name})
+        rows.append(
+            {
+                "source": "saelab",
+                "protocol": e.protocol,
+                "arch": e.arch,
+                "l0_target": e.l0_target,
+                "n_seeds": stats.pop("n"),
+                **stats,
+                "citation": None,
+                "note": e.name,
+            }
+        )
     return sort_leaderboard(rows + reference_rows(None))
 
 
@@ -261,6 +308,7 @@ def _resolve_run_dir(run_dir: Any, store_path: Path) -> Path | None:
 
 def load_store(path: Path) -> ReportSource:
     from saelab.bench.store import ResultsStore
+    from saelab.saes.registry import arch_label
 
     store = ResultsStore(path, create=False)
     runs = store.runs()
@@ -271,10 +319,15 @@ def load_store(path: Path) -> ReportSource:
     partial = []
     unfinished = [r for r in runs if r["status"] != "complete"]
     for r in unfinished:
-        why = {"running": "still running", "incomplete": "its process died before it finished",
-               "failed": f"failed: {r.get('error') or 'no error recorded'}"}.get(r["status"], r["status"])
-        partial.append(f"run {r['run_id']} ({r['protocol']} {r['arch']} L0 {r['l0_target']:g} seed {r['seed']}) "
-                       f"is {r['status']}: {why}")
+        why = {
+            "running": "still running",
+            "incomplete": "its process died before it finished",
+            "failed": f"failed: {r.get('error') or 'no error recorded'}",
+        }.get(r["status"], r["status"])
+        partial.append(
+            f"run {r['run_id']} ({r['protocol']} {r['arch']} L0 {r['l0_target']:g} seed {r['seed']}) "
+            f"is {r['status']}: {why}"
+        )
     # the latest complete run of each (protocol, arch, L0, seed), as the leaderboard counts them
     latest: dict[tuple, dict[str, Any]] = {}
     for r in runs:
@@ -283,31 +336,51 @@ def load_store(path: Path) -> ReportSource:
     entries = []
     for r in latest.values():
         metrics = dict(r.get("metrics") or {})
-        name = metrics.get("name") or f"{r['arch']}-l0_{r['l0_target']:g}"
+        name = metrics.get("name") or f"{arch_label(str(r['arch']))}-l0_{r['l0_target']:g}"
         cfg = r.get("config") or {}
         run_cfg = cfg.get("run", cfg) if isinstance(cfg, dict) else {}
         run_dir = _resolve_run_dir(metrics.get("run_dir"), path)
         folder, reason = None, None
         if run_dir is None:
-            reason = (f"its run folder {metrics.get('run_dir')} is not on this machine" if metrics.get("run_dir")
-                      else "the store records no run folder for it")
+            reason = (
+                f"its run folder {metrics.get('run_dir')} is not on this machine"
+                if metrics.get("run_dir")
+                else "the store records no run folder for it"
+            )
         elif not (run_dir / "saes" / name / "cfg.json").exists():
             reason = f"{run_dir / 'saes' / name} is missing"
         else:
             folder = run_dir / "saes" / name
-        entries.append(SAEEntry(name=name, arch=r["arch"], l0_target=float(r["l0_target"]), seed=int(r["seed"]),
-                                metrics={**metrics, "wall_seconds": r.get("wall_seconds"), "run_id": r["run_id"]},
-                                folder=folder, protocol=r["protocol"], data=data_of(run_cfg)[0], run_dir=run_dir,
-                                width=run_cfg.get("width"), missing_reason=reason))
+        entries.append(
+            SAEEntry(
+                name=name,
+                arch=r["arch"],
+                l0_target=float(r["l0_target"]),
+                seed=int(r["seed"]),
+                metrics={**metrics, "wall_seconds": r.get("wall_seconds"), "run_id": r["run_id"]},
+                folder=folder,
+                protocol=r["protocol"],
+                data=data_of(run_cfg)[0],
+                run_dir=run_dir,
+                width=run_cfg.get("width"),
+                missing_reason=reason,
+            )
+        )
     board = store.leaderboard(None, include_reference=True)
     # provenance and training curves come from the best run (the latest one when nothing completed)
     best = max(entries, key=lambda e: (e.metrics.get("f1") or -1.0, e.folder is not None), default=None)
     best_run = runs[-1] if best is None else next(r for r in runs if r["run_id"] == best.metrics["run_id"])
-    envelope = {"config": best_run.get("config"), "saelab_version": best_run.get("saelab_version"),
-                "commit": best_run.get("commit"), "hardware": best_run.get("hardware"),
-                "time": best_run.get("started_at"), "config_hash": best_run.get("config_hash"),
-                "wall_seconds": best_run.get("wall_seconds"), "status": best_run.get("status"),
-                "run_id": best_run.get("run_id")}
+    envelope = {
+        "config": best_run.get("config"),
+        "saelab_version": best_run.get("saelab_version"),
+        "commit": best_run.get("commit"),
+        "hardware": best_run.get("hardware"),
+        "time": best_run.get("started_at"),
+        "config_hash": best_run.get("config_hash"),
+        "wall_seconds": best_run.get("wall_seconds"),
+        "status": best_run.get("status"),
+        "run_id": best_run.get("run_id"),
+    }
     history: list[dict[str, Any]] = []
     if best is not None and best.run_dir is not None and (best.run_dir / "run.json").exists():
         try:
@@ -315,12 +388,24 @@ def load_store(path: Path) -> ReportSource:
         except (FileFormatError, ConfigError):
             history = []
     started = sorted(r["started_at"] for r in runs if r.get("started_at"))
-    store_summary = {"runs": len(runs), "complete": len(runs) - len(unfinished),
-                     "protocols": sorted({r["protocol"] for r in runs}),
-                     "first_started": started[0] if started else None, "last_started": started[-1] if started else None,
-                     "total_wall_seconds": sum(float(r.get("wall_seconds") or 0.0) for r in runs),
-                     "best_run_dir": str(best.run_dir) if best is not None and best.run_dir else None}
+    store_summary = {
+        "runs": len(runs),
+        "complete": len(runs) - len(unfinished),
+        "protocols": sorted({r["protocol"] for r in runs}),
+        "first_started": started[0] if started else None,
+        "last_started": started[-1] if started else None,
+        "total_wall_seconds": sum(float(r.get("wall_seconds") or 0.0) for r in runs),
+        "best_run_dir": str(best.run_dir) if best is not None and best.run_dir else None,
+    }
     if not entries:
         partial.append("the store has no complete run: nothing of saelab's own to rank or plot")
-    return ReportSource(kind="store", path=path, entries=entries, leaderboard=board, envelope=envelope,
-                        history=history, partial=partial, store_summary=store_summary)
+    return ReportSource(
+        kind="store",
+        path=path,
+        entries=entries,
+        leaderboard=board,
+        envelope=envelope,
+        history=history,
+        partial=partial,
+        store_summary=store_summary,
+    )

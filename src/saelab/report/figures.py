@@ -1,4 +1,4 @@
-"""The report's figures: matplotlib (Agg canvas, no pyplot state) rendered to PNG bytes.
+"""The report's figures: matplotlib (`saelab.plotting`: Agg canvas, no pyplot state) rendered to PNG bytes.
 
 Every figure has a title, labelled axes with units and a legend; sizes are chosen so that a figure is legible at
 the report's 1,100-pixel content width (a laptop screen) without zooming.
@@ -6,31 +6,18 @@ the report's 1,100-pixel content width (a laptop screen) without zooming.
 
 from __future__ import annotations
 
-import io
 import math
 import statistics
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-DPI = 100
+from saelab.metrics.names import METRICS
+from saelab.plotting import figure_png_bytes, new_figure
+
 DEPTH_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
 NO_DEPTH_COLOUR = "#9e9e9e"
-
-
-def _figure(w: float, h: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w, h), dpi=DPI)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def to_png(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    return buf.getvalue()
 
 
 def _arch_colours(archs: Sequence[str]) -> dict[str, str]:
@@ -49,11 +36,17 @@ def tradeoff_figure(entries: Sequence[Any]) -> bytes:
     for e in entries:
         groups.setdefault((e.arch, e.l0_target), []).append(e.metrics)
     colours = _arch_colours([a for a, _ in groups])
-    fig = _figure(11.5, 6.6)
+    fig = new_figure(11.5, 6.6)
     axes = fig.subplots(2, 3)
-    panels = [("f1", "F1 (mean over latents)"), ("mcc", "MCC (Hungarian |cos|)"),
-              ("precision", "precision (mean over latents)"), ("recall", "recall (mean over latents)")]
-    for ax, (key, label) in zip(axes.flat, panels):
+    # what each score averages, beside its name
+    panels = [
+        ("f1", "mean over latents"),
+        ("mcc", "Hungarian |cos|"),
+        ("precision", "mean over latents"),
+        ("recall", "mean over latents"),
+    ]
+    for ax, (key, averaged) in zip(axes.flat, panels):
+        spec = METRICS[key]
         for arch in sorted(colours):
             pts = []
             for (a, l0), ms in groups.items():
@@ -65,9 +58,9 @@ def tradeoff_figure(entries: Sequence[Any]) -> bytes:
             pts.sort()
             x, y, err = zip(*pts)
             ax.errorbar(x, y, yerr=err, fmt="-o", color=colours[arch], capsize=3, label=arch)
-        ax.set_title(f"{label.split(' (')[0]} vs L0")
+        ax.set_title(f"{spec.name} vs L0")
         ax.set_xlabel("target L0 (active latents per input)")
-        ax.set_ylabel(f"{label} (0–1)")
+        ax.set_ylabel(f"{spec.name} ({averaged}) ({spec.unit})")
         ax.grid(alpha=0.3)
     ax = axes[1, 1]
     for (arch, l0), ms in sorted(groups.items()):
@@ -79,10 +72,15 @@ def tradeoff_figure(entries: Sequence[Any]) -> bytes:
             ax.annotate(f"L0 {l0:g}", (rx, px), textcoords="offset points", xytext=(4, 4), fontsize=7)
     # lines through each architecture's points in L0 order show the direction L0 moves them
     for arch in colours:
-        pts = sorted((l0, statistics.fmean([float(m["recall"]) for m in ms]),
-                      statistics.fmean([float(m["precision"]) for m in ms]))
-                     for (a, l0), ms in groups.items()
-                     if a == arch and all(m.get("precision") is not None and m.get("recall") is not None for m in ms))
+        pts = sorted(
+            (
+                l0,
+                statistics.fmean([float(m["recall"]) for m in ms]),
+                statistics.fmean([float(m["precision"]) for m in ms]),
+            )
+            for (a, l0), ms in groups.items()
+            if a == arch and all(m.get("precision") is not None and m.get("recall") is not None for m in ms)
+        )
         if len(pts) > 1:
             ax.plot([p[1] for p in pts], [p[2] for p in pts], color=colours[arch], alpha=0.6)
     ax.set_title("Precision vs recall (labels: target L0)")
@@ -96,7 +94,7 @@ def tradeoff_figure(entries: Sequence[Any]) -> bytes:
         legend_ax.legend(handles, labels, title="architecture", loc="center", frameon=False)
     fig.suptitle("Ground-truth scores against L0 (mean ± sd over seeds)")
     fig.tight_layout()
-    return to_png(fig)
+    return figure_png_bytes(fig)
 
 
 # ----------------------------------------------------------------------------------------- per feature
@@ -108,7 +106,7 @@ def recall_frequency_figure(panels: Sequence[tuple[str, Any, torch.Tensor | None
     cols = min(n, 2)
     rows = math.ceil(n / cols)
     # legend in a column of its own on the right, so neither it nor the title is ever clipped
-    fig = _figure(11.5 if cols > 1 else 8.5, 4.2 * rows + 0.5)
+    fig = new_figure(11.5 if cols > 1 else 8.5, 4.2 * rows + 0.5)
     axes = fig.subplots(rows, cols, squeeze=False)
     legend_items: dict[str, Any] = {}
     for ax, (title, diag, level_F) in zip(axes.flat, panels):
@@ -143,18 +141,25 @@ def recall_frequency_figure(panels: Sequence[tuple[str, Any, torch.Tensor | None
         ax.axis("off")
     order = sorted(legend_items, key=lambda s: (s == "binned mean", s == "not in a hierarchy", s))
     right = 0.84 if cols > 1 else 0.75
-    fig.legend([legend_items[k] for k in order], order, loc="center left", bbox_to_anchor=(right, 0.5),
-               frameon=False, markerscale=2.0, title="true feature")
+    fig.legend(
+        [legend_items[k] for k in order],
+        order,
+        loc="center left",
+        bbox_to_anchor=(right, 0.5),
+        frameon=False,
+        markerscale=2.0,
+        title="true feature",
+    )
     fig.suptitle("Recall per true feature vs firing frequency (colour: depth in the hierarchy)")
     fig.tight_layout(rect=(0, 0, right, 1))
-    return to_png(fig)
+    return figure_png_bytes(fig)
 
 
 # ----------------------------------------------------------------------------------------- dictionary
 def best_cos_figure(per_sae: Sequence[tuple[str, torch.Tensor, torch.Tensor | None]]) -> bytes:
     """Left: each latent's best |cos| with any true feature, sorted (one curve per SAE). Right: the histogram
     for the first SAE, live and dead latents stacked. per_sae: (name, best_cos_L, fired_L or None)."""
-    fig = _figure(11.5, 4.2)
+    fig = new_figure(11.5, 4.2)
     ax, ax2 = fig.subplots(1, 2)
     for i, (name, best, _) in enumerate(per_sae):
         v = best.float().sort(descending=True).values
@@ -168,8 +173,13 @@ def best_cos_figure(per_sae: Sequence[tuple[str, torch.Tensor, torch.Tensor | No
     name, best, fired = per_sae[0]
     bins = torch.linspace(0, 1, 41).tolist()
     if fired is not None:
-        ax2.hist([best[fired].float().numpy(), best[~fired].float().numpy()], bins=bins, stacked=True,
-                 color=["C0", "C3"], label=[f"live latents ({int(fired.sum())})", f"dead latents ({int((~fired).sum())})"])
+        ax2.hist(
+            [best[fired].float().numpy(), best[~fired].float().numpy()],
+            bins=bins,
+            stacked=True,
+            color=["C0", "C3"],
+            label=[f"live latents ({int(fired.sum())})", f"dead latents ({int((~fired).sum())})"],
+        )
     else:
         ax2.hist(best.float().numpy(), bins=bins, color="C0", label="latents")
     ax2.set_title(f"Distribution for {name}")
@@ -178,11 +188,17 @@ def best_cos_figure(per_sae: Sequence[tuple[str, torch.Tensor, torch.Tensor | No
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    return to_png(fig)
+    return figure_png_bytes(fig)
 
 
-def similarity_heatmap_figure(name: str, W_dec_LD: torch.Tensor, feats_FD: torch.Tensor, n_latents: int = 40,
-                              seed: int = 0, live_L: torch.Tensor | None = None) -> tuple[bytes, dict[str, Any]]:
+def similarity_heatmap_figure(
+    name: str,
+    W_dec_LD: torch.Tensor,
+    feats_FD: torch.Tensor,
+    n_latents: int = 40,
+    seed: int = 0,
+    live_L: torch.Tensor | None = None,
+) -> tuple[bytes, dict[str, Any]]:
     """|cos| between a random sample of latents (rows, ordered by their best-matching true feature) and those
     matched features (columns, same order): a clean dictionary shows a sharp diagonal."""
     d = W_dec_LD.float()
@@ -200,7 +216,7 @@ def similarity_heatmap_figure(name: str, W_dec_LD: torch.Tensor, feats_FD: torch
     sample, match = sample[order], match[order]
     cols = list(dict.fromkeys(match.tolist()))  # matched features, in row order, each once
     M = (d[sample] @ f[cols].T).abs().cpu()
-    fig = _figure(11.5, 6.0)
+    fig = new_figure(11.5, 6.0)
     ax = fig.subplots(1, 1)
     im = ax.imshow(M.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
     cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
@@ -212,14 +228,18 @@ def similarity_heatmap_figure(name: str, W_dec_LD: torch.Tensor, feats_FD: torch
     ax.set_title(f"{name}: decoder vs true features (|cos|; a sharp diagonal = one latent per feature)")
     fig.tight_layout()
     shared = len(sample) - len(cols)
-    return to_png(fig), {"latents": len(sample), "features": len(cols), "shared": shared,
-                         "diag_mean": float(M[torch.arange(len(sample)), [cols.index(int(m)) for m in match]].mean())}
+    return figure_png_bytes(fig), {
+        "latents": len(sample),
+        "features": len(cols),
+        "shared": shared,
+        "diag_mean": float(M[torch.arange(len(sample)), [cols.index(int(m)) for m in match]].mean()),
+    }
 
 
 # ----------------------------------------------------------------------------------------- training
-HISTORY_KEYS = [("loss", "training loss (log scale)", True), ("l0", "L0 (active latents per input)", False),
-                ("explained_variance", "explained variance (0–1)", False),
-                ("dead_latents", "dead latents (count)", False)]
+HISTORY_KEYS = [("loss", "training loss (log scale)", True)] + [
+    (key, METRICS[key].axis_label, False) for key in ("l0", "explained_variance", "dead_latents")
+]
 
 
 def history_figure(history: Sequence[dict[str, Any]], names: Sequence[str]) -> bytes | None:
@@ -230,7 +250,7 @@ def history_figure(history: Sequence[dict[str, Any]], names: Sequence[str]) -> b
     present = [(k, lab, log) for k, lab, log in HISTORY_KEYS if any(f"{n}/{k}" in h for h in rows for n in names)]
     if not present:
         return None
-    fig = _figure(11.5, 6.4)
+    fig = new_figure(11.5, 6.4)
     axes = fig.subplots(2, 2)
     for ax, (key, label, log) in zip(axes.flat, present):
         for i, name in enumerate(names):
@@ -243,12 +263,12 @@ def history_figure(history: Sequence[dict[str, Any]], names: Sequence[str]) -> b
         ax.set_xlabel("training step (batches)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(present):]:
+    for ax in list(axes.flat)[len(present) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     axes.flat[0].legend(handles, labels, fontsize=7)
     fig.tight_layout()
-    return to_png(fig)
+    return figure_png_bytes(fig)
 
 
 # ----------------------------------------------------------------------------------------- geometry
@@ -269,16 +289,23 @@ def max_cos_to_other_latents(W_dec_LD: torch.Tensor, chunk: int = 2048) -> torch
 
 def decoder_geometry_figure(per_sae: Sequence[tuple[str, torch.Tensor]]) -> bytes:
     """Histogram of each latent's max |cos| with another latent: near-duplicate latents pile up near 1."""
-    fig = _figure(11.5, 3.8)
+    fig = new_figure(11.5, 3.8)
     ax = fig.subplots(1, 1)
     bins = torch.linspace(0, 1, 51).tolist()
     for i, (name, mx) in enumerate(per_sae):
-        ax.hist(mx.numpy(), bins=bins, histtype="step", lw=1.6, color=f"C{i % 10}",
-                label=f"{name} (median {float(mx.median()):.2f})", density=True)
+        ax.hist(
+            mx.numpy(),
+            bins=bins,
+            histtype="step",
+            lw=1.6,
+            color=f"C{i % 10}",
+            label=f"{name} (median {float(mx.median()):.2f})",
+            density=True,
+        )
     ax.set_title("Decoder self-similarity: each latent's largest |cos| with another latent (no ground truth needed)")
     ax.set_xlabel("max |cos| with another decoder row (0–1)")
     ax.set_ylabel("density (fraction of latents per unit |cos|)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return to_png(fig)
+    return figure_png_bytes(fig)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 CSS = """
 :root { --fg:#1d232a; --muted:#5b6672; --line:#d9dee3; --bg:#f6f7f9; --accent:#2458a6; --warn:#fff4d6; --warnline:#e0b23c; }
@@ -132,8 +133,14 @@ class Section:
         return "\n".join(parts)
 
 
-def table(headers: Sequence[tuple[str, str]], rows: Sequence[Sequence[tuple[str, Any]]], *, sortable: bool = True,
-          row_classes: Sequence[str] | None = None, table_id: str | None = None) -> str:
+def table(
+    headers: Sequence[tuple[str, str]],
+    rows: Sequence[Sequence[tuple[str, Any]]],
+    *,
+    sortable: bool = True,
+    row_classes: Sequence[str] | None = None,
+    table_id: str | None = None,
+) -> str:
     """headers: (label, "num"|"text"); rows: cells as (display html, sort value or None)."""
     tid = f' id="{esc(table_id)}"' if table_id else ""
     sort_cls = ' class="sortable"' if sortable else ""
@@ -145,7 +152,7 @@ def table(headers: Sequence[tuple[str, str]], rows: Sequence[Sequence[tuple[str,
     for i, row in enumerate(rows):
         rc = f' class="{esc(row_classes[i])}"' if row_classes and row_classes[i] else ""
         out.append(f"<tr{rc}>")
-        for (label, kind), (display, value) in zip(headers, row):
+        for (_label, kind), (display, value) in zip(headers, row):
             attrs = ' class="text"' if kind == "text" else ""
             if value is not None:
                 attrs += f' data-v="{esc(value)}"'
@@ -165,21 +172,26 @@ def key_values(items: Sequence[tuple[str, Any]]) -> str:
     return "".join(out)
 
 
-def page(title: str, subtitle: str, sections: Sequence[Section], banner: Sequence[str], notes: Sequence[str],
-         footer: str) -> str:
+def page(
+    title: str, subtitle: str, sections: Sequence[Section], banner: Sequence[str], notes: Sequence[str], footer: str
+) -> str:
     omitted_cls = ' class="omitted"'
     nav = " ".join(f'<a href="#{esc(s.id)}"{omitted_cls if s.omitted else ""}>{esc(s.title)}</a>' for s in sections)
     top = []
     if banner:
         items = "".join(f"<li>{esc(b)}</li>" for b in banner)
-        top.append(f'<div class="banner" id="partial" role="alert"><strong>Partial</strong> — this report covers '
-                   f"an unfinished source:<ul>{items}</ul></div>")
+        top.append(
+            f'<div class="banner" id="partial" role="alert"><strong>Partial</strong> — this report covers '
+            f"an unfinished source:<ul>{items}</ul></div>"
+        )
     omitted = [s for s in sections if s.omitted]
     if omitted or notes:
         items = "".join(f'<li><a href="#{esc(s.id)}">{esc(s.title)}</a>: {esc(s.omitted)}</li>' for s in omitted)
         items += "".join(f"<li>{esc(n)}</li>" for n in notes)
-        top.append(f'<div class="omitted-list" id="omitted"><p class="lead" style="margin:10px 0 0">'
-                   f"Not shown, and why:</p><ul>{items}</ul></div>")
+        top.append(
+            f'<div class="omitted-list" id="omitted"><p class="lead" style="margin:10px 0 0">'
+            f"Not shown, and why:</p><ul>{items}</ul></div>"
+        )
     body = "\n".join(s.html() for s in sections)
     return f"""<!DOCTYPE html>
 <html lang="en">

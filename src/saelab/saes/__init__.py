@@ -2,48 +2,30 @@
 
 from __future__ import annotations
 
-import importlib
-
-from saelab.saes.base import (
-    SAE,
+from saelab.saes.base import SAE, AutotuneTarget, SAEConfig, StepContext, StepOutput
+from saelab.saes.kernels import SparseActs
+from saelab.saes.registry import (
+    BUILTIN_ARCHITECTURE_MODULES,
     SAE_REGISTRY,
-    SAEConfig,
-    SparseActs,
-    StepContext,
-    StepOutput,
     get_sae_class,
+    import_sae_class,
+    load_builtin_architectures,
     register_sae,
+    registered_sae_class,
 )
-
-# Modules that register the built-in architectures on import.
-BUILTIN_ARCHITECTURE_MODULES = (
-    "saelab.saes.standard",
-    "saelab.saes.jumprelu",
-    "saelab.saes.topk",
-    "saelab.saes.batchtopk",
-    "saelab.saes.matryoshka",
-    "saelab.saes.matching_pursuit",
-    "saelab.saes.recipe",
-)
-
-
-def load_builtin_architectures() -> None:
-    for module in BUILTIN_ARCHITECTURE_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:  # a real import error inside the module, not a missing file
-                raise
-
 
 __all__ = [
     "SAE",
     "SAE_REGISTRY",
+    "AutotuneTarget",
+    "BUILTIN_ARCHITECTURE_MODULES",
     "SAEConfig",
     "SparseActs",
     "StepContext",
     "StepOutput",
     "get_sae_class",
+    "import_sae_class",
     "register_sae",
+    "registered_sae_class",
     "load_builtin_architectures",
 ]

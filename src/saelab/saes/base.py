@@ -1,4 +1,4 @@
-"""The SAE protocol every architecture implements, and the registry that names them.
+"""The SAE protocol every architecture implements (the registry that names them is `saelab.saes.registry`).
 
 An architecture is one file: a config dataclass (subclass of `SAEConfig`), an `SAE` subclass that
 implements `encode` / `train_forward` (and optionally `aux_losses`, `after_step`,
@@ -13,15 +13,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from saelab.dtypes import dtype_from_name
 from saelab.errors import ConfigError, require
+from saelab.saes.kernels import SPARSE_MAX_DENSITY, SparseActs, gather_pre_acts, per_sample_sum  # noqa: F401 (re-exported)
 
 NormalizeMode = Literal["none", "expected_average_only_in"]
+
+_SAET = TypeVar("_SAET", bound="SAE")
 
 
 @dataclass(kw_only=True)
@@ -54,7 +57,7 @@ class SAEConfig:
             self.normalize_activations,
             "must be 'none' or 'expected_average_only_in'",
         )
-        require(self.dtype in _DTYPES, "dtype", self.dtype, f"must be one of {sorted(_DTYPES)}")
+        dtype_from_name(self.dtype, "dtype")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -66,123 +69,33 @@ class SAEConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def torch_dtype(name: str) -> torch.dtype:
-    return _DTYPES[name]
+    return dtype_from_name(name, "dtype")
 
 
-@dataclass
-class SparseActs:
-    """Active latents of a batch as flat entries: sample `batch_idx`, latent `latent_idx`, `values`.
+@dataclass(frozen=True)
+class AutotuneTarget:
+    """The trainer's L0 autotuner scales coefficient `coefficient` so the mean L0 reaches `target_l0`,
+    from `start_fraction` of the run onwards."""
 
-    Entries are ordered by sample (each sample's entries are contiguous), which lets the decoder
-    run as one fused gather-scale-sum (`embedding_bag`) over only the active rows of W_dec.
-    """
+    coefficient: str
+    target_l0: float
+    start_fraction: float = 0.0
 
-    batch_idx: torch.Tensor
-    latent_idx: torch.Tensor
-    values: torch.Tensor
-    batch_size: int
-    d_sae: int
-
-    def offsets(self, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Start of each sample's entries (optionally among the entries selected by `mask`)."""
-        batch_idx = self.batch_idx if mask is None else self.batch_idx[mask]
-        counts_B = torch.bincount(batch_idx, minlength=self.batch_size)
-        return torch.cumsum(counts_B, 0) - counts_B
-
-    def decode_rows(self, W_LD: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Σ_entries value · W[latent] per sample, [B, D] (no bias)."""
-        latent_idx, values = self.latent_idx, self.values
-        if mask is not None:
-            latent_idx, values = latent_idx[mask], values[mask]
-        if latent_idx.numel() * 8 > self.batch_size * self.d_sae:
-            # Dense enough (e.g. AuxK's d_in/2 latents per sample) that a matmul beats the gather.
-            batch_idx = self.batch_idx if mask is None else self.batch_idx[mask]
-            acts_BL = torch.zeros(self.batch_size, self.d_sae, dtype=W_LD.dtype, device=W_LD.device)
-            acts_BL = acts_BL.index_put((batch_idx, latent_idx), values.to(W_LD.dtype))
-            return acts_BL @ W_LD
-        return F.embedding_bag(
-            latent_idx, W_LD, self.offsets(mask), mode="sum", per_sample_weights=values.to(W_LD.dtype)
+    def __post_init__(self) -> None:
+        require(
+            isinstance(self.coefficient, str) and bool(self.coefficient),
+            "coefficient",
+            self.coefficient,
+            "must name one of the SAE's coefficients",
         )
-
-    def masked(self, keep_N: torch.Tensor) -> SparseActs:
-        """The entries where `keep_N` is True (order, and so the sample-major layout, preserved)."""
-        return SparseActs(self.batch_idx[keep_N], self.latent_idx[keep_N], self.values[keep_N],
-                          self.batch_size, self.d_sae)
-
-    def to_dense(self) -> torch.Tensor:
-        acts_BL = torch.zeros(self.batch_size, self.d_sae, dtype=self.values.dtype, device=self.values.device)
-        acts_BL[self.batch_idx, self.latent_idx] = self.values
-        return acts_BL
-
-    def l0(self) -> float:
-        return float((self.values != 0).sum().item()) / max(self.batch_size, 1)
-
-    def fired_L(self) -> torch.Tensor:
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=self.values.device)
-        fired[self.latent_idx[self.values != 0]] = True
-        return fired
-
-
-class _GatherPreActs(torch.autograd.Function):
-    """Values of h = (x_s − b_dec) W_enc + b_enc at chosen entries; backward visits only those.
-
-    The input itself needs no gradient, so b_dec's gradient is −W_enc · Σ_N g (a D×L mat-vec)."""
-
-    @staticmethod
-    def forward(ctx, x_tilde_BD, b_dec_D, W_enc_DL, b_enc_L, hidden_pre_BL, batch_idx_N, latent_idx_N):
-        ctx.save_for_backward(x_tilde_BD, W_enc_DL, batch_idx_N, latent_idx_N)
-        ctx.d_sae = hidden_pre_BL.shape[1]
-        ctx.has_b_dec = b_dec_D is not None
-        return hidden_pre_BL[batch_idx_N, latent_idx_N]
-
-    @staticmethod
-    def backward(ctx, grad_N):
-        x_tilde_BD, W_enc_DL, batch_idx_N, latent_idx_N = ctx.saved_tensors
-        grad_N = grad_N.to(x_tilde_BD.dtype)
-        grad_W = grad_b_dec = None
-        grad_b_L = torch.zeros(ctx.d_sae, dtype=grad_N.dtype, device=grad_N.device).index_add_(0, latent_idx_N, grad_N)
-        if ctx.needs_input_grad[2]:
-            # ∂W_enc[:, l] = Σ_{entries of latent l} g · x̃[b]: a fused gather-scale-sum grouped by latent.
-            order = torch.argsort(latent_idx_N)
-            counts_L = torch.bincount(latent_idx_N, minlength=ctx.d_sae)
-            grad_W_LD = F.embedding_bag(
-                batch_idx_N[order], x_tilde_BD, torch.cumsum(counts_L, 0) - counts_L,
-                mode="sum", per_sample_weights=grad_N[order],
-            )
-            grad_W = grad_W_LD.t()
-        if ctx.has_b_dec and ctx.needs_input_grad[1]:
-            grad_b_dec = -(W_enc_DL @ grad_b_L)
-        grad_b = grad_b_L if ctx.needs_input_grad[3] else None
-        return None, grad_b_dec, grad_W, grad_b, None, None, None
-
-
-def gather_pre_acts(
-    sae: SAE,
-    x_tilde_BD: torch.Tensor,
-    hidden_pre_BL: torch.Tensor,
-    batch_idx_N: torch.Tensor,
-    latent_idx_N: torch.Tensor,
-) -> torch.Tensor:
-    """h[batch_idx, latent_idx] with gradients to W_enc, b_enc and b_dec.
-
-    `x_tilde_BD` (s·x − b_dec) and `hidden_pre_BL` (x̃ W_enc + b_enc) were computed without grad."""
-    b_dec_D = sae.b_dec_D if sae.cfg.apply_b_dec_to_input else None
-    return _GatherPreActs.apply(
-        x_tilde_BD, b_dec_D, sae.W_enc_DL, sae.b_enc_L, hidden_pre_BL, batch_idx_N, latent_idx_N
-    )
-
-
-# Above this fraction of B·L entries, a sparse training path loses to dense matmuls.
-SPARSE_MAX_DENSITY = 1 / 8
-
-
-def per_sample_sum(values_N: torch.Tensor, batch_idx_N: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Σ of flat per-entry values within each sample, [B] (the sparse form of `.sum(dim=-1)`)."""
-    return values_N.new_zeros(batch_size).index_add(0, batch_idx_N, values_N)
+        require(
+            math.isfinite(self.target_l0) and self.target_l0 > 0,
+            "target_l0",
+            self.target_l0,
+            "must be a finite number > 0",
+        )
+        require(0.0 <= self.start_fraction < 1.0, "autotune_start_fraction", self.start_fraction, "must be in [0, 1)")
 
 
 @dataclass
@@ -219,6 +132,9 @@ class SAE(nn.Module):
     # Component name -> config overrides that remove it; `register_ablations` turns each into a
     # variant "<arch>-no_<component>" (what `saelab bench --ablate ARCH` trains).
     ablations: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    # Registered buffer (nn.Module types buffer attributes as `Tensor | Module`).
+    input_scale: torch.Tensor
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -322,10 +238,23 @@ class SAE(nn.Module):
     def train_forward(self, x_BD: torch.Tensor, ctx: StepContext) -> StepOutput:
         raise NotImplementedError(f"{type(self).__name__} must implement train_forward()")
 
+    def autotune_target(self) -> AutotuneTarget | None:
+        """What the trainer's L0 autotuner steers for this SAE (None: no autotuning).
+
+        Penalty-based SAEs with a target L0 return the coefficient to scale and when to start."""
+        if type(self).autotuned_coefficient is SAE.autotuned_coefficient:
+            return None
+        # Classes written before this hook override `autotuned_coefficient` and keep `target_l0` in their config.
+        name, target = self.autotuned_coefficient, getattr(self.cfg, "target_l0", None)
+        if name is None or target is None:
+            return None
+        return AutotuneTarget(name, float(target), float(getattr(self.cfg, "autotune_start_fraction", 0.0)))
+
     @property
     def autotuned_coefficient(self) -> str | None:
-        """Name of the coefficient the trainer's L0 autotuner scales toward `cfg.target_l0` (None: none)."""
-        return None
+        """Name of the coefficient the L0 autotuner scales (None: none); see `autotune_target`."""
+        target = self.autotune_target()
+        return None if target is None else target.coefficient
 
     def coefficient_names(self) -> dict[str, tuple[float, int]]:
         """Named sparsity coefficients as {name: (final value, warm-up steps)}; the trainer ramps them."""
@@ -350,7 +279,7 @@ class SAE(nn.Module):
         return sae
 
     # ----- shared weight surgery ------------------------------------------------------------------
-    def clone(self) -> SAE:
+    def clone(self: _SAET) -> _SAET:
         other = type(self)(dataclasses.replace(self.cfg))
         other.load_state_dict(self.state_dict())
         return other
@@ -405,88 +334,7 @@ class SAE(nn.Module):
         return {}
 
 
-SAE_REGISTRY: dict[str, type[SAE]] = {}
-
-
-def register_sae(name: str):
-    """Class decorator: `@register_sae("topk")` makes the class available by name everywhere."""
-
-    def wrap(cls: type[SAE]) -> type[SAE]:
-        if not (isinstance(cls, type) and issubclass(cls, SAE)):
-            raise ConfigError("architecture", name, "registered class must subclass saelab.saes.SAE")
-        cls.architecture = name
-        SAE_REGISTRY[name] = cls
-        return cls
-
-    return wrap
-
-
 TRAIN_OVERRIDE_KEYS = ("lr_decay_fraction", "lr_schedule", "lr_warmup_steps")
-
-
-def register_variant(name: str, base: type[SAE], overrides: dict[str, Any]) -> type[SAE]:
-    """Register `name` as `base` with config `overrides` applied on top of `base.config_for_l0`.
-
-    A variant is a real registered architecture: it trains, saves and loads under its own name, so
-    an ablation's results never mix with the full model's."""
-    frozen = dict(overrides)
-
-    def config_for_l0(cls, d_in: int, d_sae: int, l0: float, total_steps: int, **more: Any) -> SAEConfig:
-        return super(variant, cls).config_for_l0(d_in, d_sae, l0, total_steps, **{**frozen, **more})
-
-    variant = type(f"{base.__name__}__{name.replace('-', '_')}", (base,), {
-        "config_for_l0": classmethod(config_for_l0),
-        "variant_overrides": frozen,
-        "ablations": {},
-        "__doc__": f"{base.architecture} with {frozen}.",
-        "__module__": base.__module__,
-    })
-    return register_sae(name)(variant)
-
-
-def register_ablations(base: type[SAE]) -> list[str]:
-    """Register "<arch>-no_<component>" for each entry of `base.ablations`; returns the names."""
-    names = []
-    for component, overrides in base.ablations.items():
-        name = f"{base.architecture}-no_{component}"
-        register_variant(name, base, overrides)
-        names.append(name)
-    return names
-
-
-def ablation_names(arch: str) -> list[str]:
-    """The registered ablation variants of `arch` (ConfigError if it declares none)."""
-    cls = get_sae_class(arch)
-    if not cls.ablations:
-        with_ablations = sorted(n for n, c in SAE_REGISTRY.items() if c.ablations)
-        raise ConfigError("ablate", arch, f"declares no ablations; architectures with ablations: {', '.join(with_ablations) or 'none'}")
-    return [f"{cls.architecture}-no_{component}" for component in cls.ablations]
-
-
-def get_sae_class(name: str) -> type[SAE]:
-    from saelab.saes import load_builtin_architectures
-
-    load_builtin_architectures()
-    if name in SAE_REGISTRY:
-        return SAE_REGISTRY[name]
-    if ":" in name:  # "my_module:MySAE" — a user's class, registered on import
-        import importlib
-
-        module_name, _, attr = name.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ConfigError("arch", name, f"cannot import user architecture: {err}") from None
-        if not (isinstance(cls, type) and issubclass(cls, SAE)):
-            raise ConfigError("arch", name, "is not a subclass of saelab.saes.SAE")
-        missing = [m for m in ("encode", "train_forward") if getattr(cls, m) is getattr(SAE, m)]
-        if missing:
-            raise ConfigError("arch", name, f"does not implement the SAE protocol: missing {', '.join(missing)}()")
-        if not cls.architecture:
-            cls.architecture = name
-        SAE_REGISTRY.setdefault(name, cls)
-        return cls
-    raise ConfigError("arch", name, f"unknown architecture; known: {', '.join(sorted(SAE_REGISTRY))}")
 
 
 def mse_per_sample(x_hat_BD: torch.Tensor, x_BD: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from saelab.errors import require
-from saelab.saes.base import StepContext, register_sae
+from saelab.saes.base import StepContext
+from saelab.saes.registry import register_sae
 from saelab.saes.topk_family import BatchThresholdMixin, TopKFamilyConfig, TopKFamilySAE, select_batch_topk
 
 

@@ -27,24 +27,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from saelab.errors import require
-from saelab.saes.base import (
-    SAE,
-    SPARSE_MAX_DENSITY,
-    SAEConfig,
-    SparseActs,
-    StepContext,
-    StepOutput,
-    gather_pre_acts,
-    mse_per_sample,
-    per_sample_sum,
-    register_sae,
-)
+from saelab.saes.base import SAE, AutotuneTarget, SAEConfig, StepContext, StepOutput, mse_per_sample
+from saelab.saes.kernels import SPARSE_MAX_DENSITY, SparseActs, gather_pre_acts, per_sample_sum
+from saelab.saes.registry import register_sae
 from saelab.saes.standard import require_non_negative, require_steps, validate_autotune_fields
 
 SparsityLossMode = Literal["step", "tanh", "quadratic"]
@@ -71,7 +62,9 @@ class JumpReLUFunction(torch.autograd.Function):
     """f = x·1[x > θ]; ∂f/∂x = 1[x > θ] (+ (θ/ε)·rect((x−θ)/ε) with ste_to_input); ∂f/∂θ = −(θ/ε)·rect."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, threshold: torch.Tensor, bandwidth: float, ste_to_input: bool) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, threshold: torch.Tensor, bandwidth: float, ste_to_input: bool
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, threshold)
         ctx.bandwidth = bandwidth
         ctx.ste_to_input = ste_to_input
@@ -94,7 +87,9 @@ class StepFunction(torch.autograd.Function):
     """H(x − θ); ∂H/∂θ = −(1/ε)·rect((x−θ)/ε); ∂H/∂x = +(1/ε)·rect(·) with ste_to_input, else 0."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, threshold: torch.Tensor, bandwidth: float, ste_to_input: bool) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, threshold: torch.Tensor, bandwidth: float, ste_to_input: bool
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, threshold)
         ctx.bandwidth = bandwidth
         ctx.ste_to_input = ste_to_input
@@ -173,7 +168,7 @@ class JumpReLUSAEConfig(SAEConfig):
 
 @register_sae("jumprelu")
 class JumpReLUSAE(SAE):
-    config_class = JumpReLUSAEConfig
+    config_class: ClassVar[type[JumpReLUSAEConfig]] = JumpReLUSAEConfig
     cfg: JumpReLUSAEConfig
     saelens_names = {**SAE.saelens_names, "threshold": "threshold_L"}
 
@@ -197,12 +192,11 @@ class JumpReLUSAE(SAE):
             threshold.data = threshold.data.float()
         return out
 
-    @property
-    def autotuned_coefficient(self) -> str | None:
-        """The coefficient the trainer's L0 autotuner scales. The quadratic loss steers L0 itself."""
+    def autotune_target(self) -> AutotuneTarget | None:
+        """The autotuner scales "l0" toward `cfg.target_l0`; the quadratic loss steers L0 itself."""
         if self.cfg.target_l0 is None or self.cfg.jumprelu_sparsity_loss_mode == "quadratic":
             return None
-        return "l0"
+        return AutotuneTarget("l0", float(self.cfg.target_l0), float(self.cfg.autotune_start_fraction))
 
     @classmethod
     def config_for_l0(cls, d_in: int, d_sae: int, l0: float, total_steps: int, **overrides: Any) -> JumpReLUSAEConfig:
@@ -256,7 +250,9 @@ class JumpReLUSAE(SAE):
     ) -> dict[str, torch.Tensor]:
         threshold_L = self.threshold_L.to(hidden_pre_BL.dtype)
         W_dec_norm_L = self.W_dec_LD.norm(dim=1)
-        per_sample_B = self._sparsity_per_sample(hidden_pre_BL, acts_BL, threshold_L, W_dec_norm_L, lambda t: t.sum(dim=-1))
+        per_sample_B = self._sparsity_per_sample(
+            hidden_pre_BL, acts_BL, threshold_L, W_dec_norm_L, lambda t: t.sum(dim=-1)
+        )
         losses = {"l0": coefficients.get("l0", self.cfg.l0_coefficient) * per_sample_B.mean()}
         if self.cfg.pre_act_loss_coefficient is not None:
             coefficient = coefficients.get("pre_act", self.cfg.pre_act_loss_coefficient)
@@ -272,7 +268,8 @@ class JumpReLUSAE(SAE):
             return row_sum(torch.tanh(cfg.jumprelu_tanh_scale * acts * W_dec_norm))
         l0_B = row_sum(step(hidden_pre, threshold, cfg.jumprelu_bandwidth, cfg.jumprelu_ste_to_input))
         if mode == "quadratic":
-            target = float(cfg.target_l0)  # validated non-None for this mode
+            assert cfg.target_l0 is not None  # validated non-None for this mode
+            target = float(cfg.target_l0)
             return (2.0 / target) * (l0_B - target) ** 2
         return l0_B
 
@@ -302,8 +299,9 @@ class JumpReLUSAE(SAE):
             # Active, or inside the rectangle kernel's support |h − θ| < ε/2 (where θ gets gradient).
             entries_BL = hidden_pre_BL.detach() > threshold_L.detach() - 0.5 * self.cfg.jumprelu_bandwidth
             if int(entries_BL.sum()) <= SPARSE_MAX_DENSITY * entries_BL.numel():
-                return self._train_forward_sparse(x_tilde_BD.detach(), hidden_pre_BL.detach(), entries_BL, target_BD,
-                                                  ctx)
+                return self._train_forward_sparse(
+                    x_tilde_BD.detach(), hidden_pre_BL.detach(), entries_BL, target_BD, ctx
+                )
         acts_BL = jumprelu(hidden_pre_BL, threshold_L, self.cfg.jumprelu_bandwidth, self.cfg.jumprelu_ste_to_input)
         x_hat_BD = self.reconstruct(acts_BL)
         losses = {"mse": mse_per_sample(x_hat_BD, target_BD).mean()}

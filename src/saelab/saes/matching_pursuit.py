@@ -37,7 +37,9 @@ from typing import Any, NamedTuple
 import torch
 
 from saelab.errors import require
-from saelab.saes.base import SAE, SAEConfig, SparseActs, StepContext, StepOutput, mse_per_sample, register_sae
+from saelab.saes.base import SAE, SAEConfig, StepContext, StepOutput, mse_per_sample
+from saelab.saes.kernels import SparseActs
+from saelab.saes.registry import register_sae
 
 _TIED_NAMES = frozenset({"W_enc_DL", "b_enc_L"})
 

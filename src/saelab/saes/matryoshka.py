@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 import torch
 
 from saelab.errors import require
-from saelab.saes.base import SparseActs, StepContext, mse_per_sample, register_sae
+from saelab.saes.base import StepContext, mse_per_sample
 from saelab.saes.batchtopk import BatchTopKSAEConfig
+from saelab.saes.kernels import SparseActs
+from saelab.saes.registry import register_sae
 from saelab.saes.topk_family import BatchThresholdMixin, TopKFamilySAE, select_batch_topk
 
 
@@ -29,8 +31,15 @@ class MatryoshkaSAEConfig(BatchTopKSAEConfig):
     def validate(self) -> None:
         super().validate()
         widths = list(self.matryoshka_widths) or default_matryoshka_widths(self.d_sae)
-        require(all(isinstance(w, int) and w > 0 for w in widths), "matryoshka_widths", widths, "must be positive integers")
-        require(all(a < b for a, b in zip(widths, widths[1:])), "matryoshka_widths", widths, "must be strictly increasing (widths must nest)")
+        require(
+            all(isinstance(w, int) and w > 0 for w in widths), "matryoshka_widths", widths, "must be positive integers"
+        )
+        require(
+            all(a < b for a, b in zip(widths, widths[1:])),
+            "matryoshka_widths",
+            widths,
+            "must be strictly increasing (widths must nest)",
+        )
         require(widths[-1] <= self.d_sae, "matryoshka_widths", widths, f"must not exceed d_sae={self.d_sae}")
         # The outer level is always the full SAE.
         self.matryoshka_widths = widths if widths[-1] == self.d_sae else widths + [self.d_sae]
@@ -113,7 +122,14 @@ class MatryoshkaSAE(BatchThresholdMixin, TopKFamilySAE):
                 in_level_L[start:width] = True
             else:
                 in_level_L = (rank_L >= start) & (rank_L < width)
-            total = total + self.aux_k_loss(x_s_BD - recon_BD.detach(), x_tilde_BD, hidden_pre_BL, scores_BL,
-                                            W_unit_LD, ctx.dead_mask_L & in_level_L, zero)
+            total = total + self.aux_k_loss(
+                x_s_BD - recon_BD.detach(),
+                x_tilde_BD,
+                hidden_pre_BL,
+                scores_BL,
+                W_unit_LD,
+                ctx.dead_mask_L & in_level_L,
+                zero,
+            )
             start = width
         return total

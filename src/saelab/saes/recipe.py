@@ -1,4 +1,4 @@
-"""The SynthSAEBench "recipe" SAE (seed-posts §2.3–2.4) and the Multi-L0 BatchTopK SAE (§6.1).
+"""The SynthSAEBench "recipe" SAE (seed-posts §2.3–2.4). (The Multi-L0 SAE of §6.1 is in `multi_l0.py`.)
 
 `recipe` is a Matryoshka BatchTopK SAE with every addition of Chanin's autoresearch run as an option:
 
@@ -10,7 +10,7 @@
   Because the update is linear, hᵗ = (x̃ + Rₜ) W_enc + b_enc (then ⊙ n) with Rₜ = Σ_{τ<t} η_τ r^τ
   ([B, D], with grad), so the selected values of step t are
       gather_pre_acts(x̃ W_enc + b_enc)[sel] + gather_matmul(Rₜ, W_enc)[sel],   times n[sel]
-  where `gather_matmul` (below) is "(A @ W) at chosen entries" with an N·D backward. A step costs
+  where `gather_matmul` (in `kernels`) is "(A @ W) at chosen entries" with an N·D backward. A step costs
   one dense B×D×L matmul (Rₜ W_enc) plus O(N·D) sparse work.
 * Decreasing k (`k_initial`, `k_anneal_fraction`, `k_anneal_shape`): k_initial → k over that
   fraction of the run; fractional k is fine for BatchTopK.
@@ -43,83 +43,36 @@ the *decoder sum*, but each refined code zᵀ_j depends on all step-0 codes thro
 inner loss still reaches other latents through the refinement chain (as in the reference code).
 
 Registration: `saelab.saes.recipe` must be imported (or listed in
-`saelab.saes.BUILTIN_ARCHITECTURE_MODULES`) before `get_sae_class("recipe")` can find it.
+`saelab.saes.registry.BUILTIN_ARCHITECTURE_MODULES`) before `get_sae_class("recipe")` can find it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from saelab.errors import require
-from saelab.saes.base import (
-    SAE,
-    SAEConfig,
-    SparseActs,
-    StepContext,
-    StepOutput,
-    mse_per_sample,
-    register_ablations,
-    register_sae,
-)
-from saelab.saes.batchtopk import BatchTopKSAEConfig
+from saelab.saes.base import SAE, SAEConfig, StepContext, StepOutput, mse_per_sample
+from saelab.saes.kernels import SparseActs, gather_matmul, gather_pre_acts, least_squares_values
 from saelab.saes.matryoshka import MatryoshkaSAE, MatryoshkaSAEConfig, default_matryoshka_widths
-from saelab.saes.topk_family import BatchThresholdMixin, TopKFamilySAE, gather_pre_acts, select_batch_topk
+from saelab.saes.registry import register_ablations, register_sae
+from saelab.saes.topk_family import (
+    BatchThresholdMixin,
+    TopKFamilySAE,
+    debiased_ema_update,
+    default_missing_buffers,
+    min_positive,
+)
 
 AnnealShape = Literal["linear", "cosine"]
 IstaResidual = Literal["codes", "least_squares"]
-
-
-# ----- sparse autograd pieces -------------------------------------------------------------------
-def _sample_offsets(batch_idx_N: torch.Tensor, batch_size: int) -> torch.Tensor:
-    counts_B = torch.bincount(batch_idx_N, minlength=batch_size)
-    return torch.cumsum(counts_B, 0) - counts_B
-
-
-class _GatherMatmul(torch.autograd.Function):
-    """(A @ W)[batch_idx, latent_idx] from a precomputed dense product P = A @ W (no grad).
-
-    Backward touches only the chosen entries (entries must be sample-major, as in `SparseActs`):
-      ∂A[b] = Σ_{entries of b} g · W[:, l]   (embedding_bag over the rows of Wᵀ, bags = samples)
-      ∂W[:, l] = Σ_{entries of l} g · A[b]   (embedding_bag over the rows of A, bags = latents)
-    """
-
-    @staticmethod
-    def forward(ctx, A_BD, W_DL, P_BL, batch_idx_N, latent_idx_N):
-        ctx.save_for_backward(A_BD, W_DL, batch_idx_N, latent_idx_N)
-        return P_BL[batch_idx_N, latent_idx_N]
-
-    @staticmethod
-    def backward(ctx, grad_N):
-        A_BD, W_DL, batch_idx_N, latent_idx_N = ctx.saved_tensors
-        grad_A = grad_W = None
-        if ctx.needs_input_grad[0]:
-            grad_A = F.embedding_bag(
-                latent_idx_N, W_DL.t().contiguous(), _sample_offsets(batch_idx_N, A_BD.shape[0]),
-                mode="sum", per_sample_weights=grad_N.to(W_DL.dtype),
-            ).to(A_BD.dtype)
-        if ctx.needs_input_grad[1]:
-            L = W_DL.shape[1]
-            order = torch.argsort(latent_idx_N)
-            counts_L = torch.bincount(latent_idx_N, minlength=L)
-            grad_W = F.embedding_bag(
-                batch_idx_N[order], A_BD, torch.cumsum(counts_L, 0) - counts_L,
-                mode="sum", per_sample_weights=grad_N[order].to(A_BD.dtype),
-            ).t().to(W_DL.dtype)
-        return grad_A, grad_W, None, None, None
-
-
-def gather_matmul(
-    A_BD: torch.Tensor, W_DL: torch.Tensor, P_BL: torch.Tensor, batch_idx_N: torch.Tensor, latent_idx_N: torch.Tensor
-) -> torch.Tensor:
-    """(A @ W) at the given (sample-major) entries, with gradients to A and W; P = A @ W precomputed."""
-    return _GatherMatmul.apply(A_BD, W_DL, P_BL, batch_idx_N, latent_idx_N)
 
 
 def term_mean(per_sample_B: torch.Tensor, tilt: float) -> torch.Tensor:
@@ -131,51 +84,6 @@ def term_mean(per_sample_B: torch.Tensor, tilt: float) -> torch.Tensor:
     return (weights.to(per_sample_B.dtype) * per_sample_B).sum()
 
 
-LS_MAX_SYSTEM_ELEMENTS = 2**24  # B·K² above this: the normal equations are solved in halves of the batch
-
-
-def least_squares_values(x_BD: torch.Tensor, acts: SparseActs, U_LD: torch.Tensor, ridge: float) -> torch.Tensor:
-    """OMP's projection step: per sample b, c_b = argmin_c ‖x_b − Σ_j c_j U_j‖² + ridge·‖c‖² over its
-    active latents j, returned per entry of `acts` (same order); differentiable in x and U.
-
-    One batch of padded [B, K, K] normal equations (K = most entries in one sample; padded slots get an
-    identity row, so their coefficient is 0), solved by Cholesky. The systems are gathered from the
-    full Gram U Uᵀ and x Uᵀ (dense matmuls; cheaper than B per-sample Grams once B·K² ≳ L²). Batches
-    whose systems would exceed `LS_MAX_SYSTEM_ELEMENTS` are solved in halves, recursively."""
-    if acts.latent_idx.numel() == 0:
-        return x_BD.new_zeros(0)
-    return _solve_on_support(x_BD.to(U_LD.dtype), acts, U_LD, U_LD @ U_LD.t(), ridge)
-
-
-def _solve_on_support(x_BD, acts: SparseActs, U_LD, gram_LL, ridge: float) -> torch.Tensor:
-    N, B, L = acts.latent_idx.numel(), acts.batch_size, acts.d_sae
-    device, dtype = x_BD.device, U_LD.dtype
-    counts_B = torch.bincount(acts.batch_idx, minlength=B)
-    K = int(counts_B.max()) if N else 0
-    if B > 1 and B * K * K > LS_MAX_SYSTEM_ELEMENTS:
-        half = B // 2
-        cut = int(counts_B[:half].sum())
-        first = SparseActs(acts.batch_idx[:cut], acts.latent_idx[:cut], acts.values[:cut], half, L)
-        second = SparseActs(acts.batch_idx[cut:] - half, acts.latent_idx[cut:], acts.values[cut:], B - half, L)
-        return torch.cat([_solve_on_support(x_BD[:half], first, U_LD, gram_LL, ridge),
-                          _solve_on_support(x_BD[half:], second, U_LD, gram_LL, ridge)])
-    if N == 0:
-        return x_BD.new_zeros(0)
-    slot_N = torch.arange(N, device=device) - (torch.cumsum(counts_B, 0) - counts_B)[acts.batch_idx]
-    latent_BK = torch.zeros(B, K, dtype=torch.long, device=device)
-    latent_BK[acts.batch_idx, slot_N] = acts.latent_idx
-    valid_BK = torch.zeros(B, K, dtype=torch.bool, device=device)
-    valid_BK[acts.batch_idx, slot_N] = True
-    pair_BKK = latent_BK.unsqueeze(2) * L + latent_BK.unsqueeze(1)
-    gram_BKK = gram_LL.reshape(-1).index_select(0, pair_BKK.reshape(-1)).view(B, K, K)
-    both_valid_BKK = valid_BK.unsqueeze(2) & valid_BK.unsqueeze(1)
-    gram_BKK = gram_BKK * both_valid_BKK.to(dtype) + torch.diag_embed(ridge + (~valid_BK).to(dtype))
-    rhs_BK = (x_BD @ U_LD.t()).gather(1, latent_BK) * valid_BK.to(dtype)
-    chol_BKK, _ = torch.linalg.cholesky_ex(gram_BKK)
-    coef_BK = torch.cholesky_solve(rhs_BK.unsqueeze(-1), chol_BKK).squeeze(-1)
-    return coef_BK[acts.batch_idx, slot_N]
-
-
 # ----- recipe -----------------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class RecipeSAEConfig(MatryoshkaSAEConfig):
@@ -183,7 +91,9 @@ class RecipeSAEConfig(MatryoshkaSAEConfig):
     ista_eta: float = 0.3
     learn_eta: bool = False
     ista_residual: IstaResidual = "codes"  # "least_squares": OMP-style orthogonal residual per step
-    ls_ridge: float = 1e-4  # least-squares ridge; atoms are unit-norm in training, ‖W_dec,j‖ once folded (tiny either way)
+    ls_ridge: float = (
+        1e-4  # least-squares ridge; atoms are unit-norm in training, ‖W_dec,j‖ once folded (tiny either way)
+    )
     k_initial: float | None = None
     k_anneal_fraction: float = 1.0
     k_anneal_shape: AnnealShape = "linear"
@@ -203,30 +113,64 @@ class RecipeSAEConfig(MatryoshkaSAEConfig):
     def validate(self) -> None:
         super().validate()
         if self.lr_decay_fraction is not None:
-            require(_finite(self.lr_decay_fraction) and 0 <= self.lr_decay_fraction <= 1, "lr_decay_fraction",
-                    self.lr_decay_fraction, "must be in [0, 1] or None (use the trainer's)")
-        require(isinstance(self.ista_steps, int) and not isinstance(self.ista_steps, bool) and self.ista_steps >= 0,
-                "ista_steps", self.ista_steps, "must be an integer ≥ 0 (0 = plain encoder)")
+            require(
+                _finite(self.lr_decay_fraction) and 0 <= self.lr_decay_fraction <= 1,
+                "lr_decay_fraction",
+                self.lr_decay_fraction,
+                "must be in [0, 1] or None (use the trainer's)",
+            )
+        require(
+            isinstance(self.ista_steps, int) and not isinstance(self.ista_steps, bool) and self.ista_steps >= 0,
+            "ista_steps",
+            self.ista_steps,
+            "must be an integer ≥ 0 (0 = plain encoder)",
+        )
         require(_finite(self.ista_eta) and self.ista_eta > 0, "ista_eta", self.ista_eta, "must be a finite number > 0")
         if self.k_initial is not None:
-            require(_finite(self.k_initial) and self.k_initial >= self.k, "k_initial", self.k_initial,
-                    f"must be ≥ the final k={self.k} (k decreases during training) or None")
+            require(
+                _finite(self.k_initial) and self.k_initial >= self.k,
+                "k_initial",
+                self.k_initial,
+                f"must be ≥ the final k={self.k} (k decreases during training) or None",
+            )
             require(self.k_initial <= self.d_sae, "k_initial", self.k_initial, f"must not exceed d_sae={self.d_sae}")
-        require(_finite(self.k_anneal_fraction) and 0 < self.k_anneal_fraction <= 1, "k_anneal_fraction",
-                self.k_anneal_fraction, "must be in (0, 1]")
-        require(self.k_anneal_shape in ("linear", "cosine"), "k_anneal_shape", self.k_anneal_shape,
-                "must be 'linear' or 'cosine'")
-        require(_finite(self.frequency_ema) and 0 <= self.frequency_ema < 1, "frequency_ema", self.frequency_ema,
-                "must be in [0, 1)")
-        require(_finite(self.tilt) and self.tilt >= 0, "tilt", self.tilt,
-                "must be a finite number ≥ 0 (0 disables TERM)")
-        require(_finite(self.loo_scale) and self.loo_scale >= 0, "loo_scale", self.loo_scale,
-                "must be a finite number ≥ 0")
-        require(self.ista_residual in ("codes", "least_squares"), "ista_residual", self.ista_residual,
-                "must be 'codes' (ISTA) or 'least_squares' (OMP-style)")
+        require(
+            _finite(self.k_anneal_fraction) and 0 < self.k_anneal_fraction <= 1,
+            "k_anneal_fraction",
+            self.k_anneal_fraction,
+            "must be in (0, 1]",
+        )
+        require(
+            self.k_anneal_shape in ("linear", "cosine"),
+            "k_anneal_shape",
+            self.k_anneal_shape,
+            "must be 'linear' or 'cosine'",
+        )
+        require(
+            _finite(self.frequency_ema) and 0 <= self.frequency_ema < 1,
+            "frequency_ema",
+            self.frequency_ema,
+            "must be in [0, 1)",
+        )
+        require(
+            _finite(self.tilt) and self.tilt >= 0, "tilt", self.tilt, "must be a finite number ≥ 0 (0 disables TERM)"
+        )
+        require(
+            _finite(self.loo_scale) and self.loo_scale >= 0, "loo_scale", self.loo_scale, "must be a finite number ≥ 0"
+        )
+        require(
+            self.ista_residual in ("codes", "least_squares"),
+            "ista_residual",
+            self.ista_residual,
+            "must be 'codes' (ISTA) or 'least_squares' (OMP-style)",
+        )
         require(_finite(self.ls_ridge) and self.ls_ridge > 0, "ls_ridge", self.ls_ridge, "must be a finite number > 0")
-        require(isinstance(self.ksvd_every, int) and not isinstance(self.ksvd_every, bool) and self.ksvd_every >= 0,
-                "ksvd_every", self.ksvd_every, "must be an integer ≥ 0 (0 = no K-SVD updates)")
+        require(
+            isinstance(self.ksvd_every, int) and not isinstance(self.ksvd_every, bool) and self.ksvd_every >= 0,
+            "ksvd_every",
+            self.ksvd_every,
+            "must be an integer ≥ 0 (0 = no K-SVD updates)",
+        )
         require(_finite(self.ksvd_rate) and 0 < self.ksvd_rate <= 1, "ksvd_rate", self.ksvd_rate, "must be in (0, 1]")
 
 
@@ -270,6 +214,13 @@ class RecipeSAE(MatryoshkaSAE):
         "leave_one_out": {"leave_one_out": False},
     }
     saelens_names = {**SAE.saelens_names, "thresholds": "ista_thresholds", "eta": "ista_eta_T"}
+    # Registered buffers (nn.Module types buffer attributes as `Tensor | Module`); ista_eta_T is a
+    # buffer or, with learn_eta, a Parameter.
+    ista_eta_T: torch.Tensor
+    ista_thresholds: torch.Tensor
+    ista_threshold_weights: torch.Tensor
+    latent_freq_L: torch.Tensor
+    latent_freq_initialized: torch.Tensor
 
     def __init__(self, cfg: RecipeSAEConfig):
         super().__init__(cfg)
@@ -281,6 +232,9 @@ class RecipeSAE(MatryoshkaSAE):
             self.register_buffer("ista_eta_T", eta_T)
         # θ_t for t = 0..T in rescaled activation units; θ_T mirrors `topk_threshold`.
         self.register_buffer("ista_thresholds", torch.zeros(cfg.ista_steps + 1, dtype=torch.float64, device=device))
+        self.register_buffer(
+            "ista_threshold_weights", torch.zeros(cfg.ista_steps + 1, dtype=torch.float64, device=device)
+        )
         self.register_buffer("latent_freq_L", torch.zeros(cfg.d_sae, dtype=torch.float64, device=device))
         self.register_buffer("latent_freq_initialized", torch.zeros((), dtype=torch.bool, device=device))
         self._ksvd_batch: tuple[torch.Tensor, SparseActs] | None = None  # set by train_forward, used by after_step
@@ -295,28 +249,30 @@ class RecipeSAE(MatryoshkaSAE):
         prunes at inference, so the evaluated L0 comes out *below* l0 (the post reports ~1/3 pruned).
         The recipe's LR decay over the final third is a trainer setting (`lr_decay_fraction=1/3`).
         """
-        return RecipeSAEConfig(**{
-            "d_in": d_in,
-            "d_sae": d_sae,
-            "k": l0,
-            "k_initial": min(2.4 * l0, float(d_sae)),
-            "k_anneal_fraction": 1.0,
-            "k_anneal_shape": "linear",
-            "matryoshka_widths": default_matryoshka_widths(d_sae),
-            "use_matryoshka": True,
-            "use_matryoshka_aux_loss": False,
-            "ista_steps": 1,
-            "ista_eta": 0.3,
-            "learn_eta": False,
-            "frequency_sort": True,
-            "frequency_ema": 0.99,
-            "detach_inner": True,
-            "tilt": 0.002,
-            "leave_one_out": True,
-            "loo_scale": 1.0,
-            "lr_decay_fraction": 1 / 3,
-            **overrides,
-        })
+        return RecipeSAEConfig(
+            **{
+                "d_in": d_in,
+                "d_sae": d_sae,
+                "k": l0,
+                "k_initial": min(2.4 * l0, float(d_sae)),
+                "k_anneal_fraction": 1.0,
+                "k_anneal_shape": "linear",
+                "matryoshka_widths": default_matryoshka_widths(d_sae),
+                "use_matryoshka": True,
+                "use_matryoshka_aux_loss": False,
+                "ista_steps": 1,
+                "ista_eta": 0.3,
+                "learn_eta": False,
+                "frequency_sort": True,
+                "frequency_ema": 0.99,
+                "detach_inner": True,
+                "tilt": 0.002,
+                "leave_one_out": True,
+                "loo_scale": 1.0,
+                "lr_decay_fraction": 1 / 3,
+                **overrides,
+            }
+        )
 
     def train_overrides(self) -> dict[str, Any]:
         return {} if self.cfg.lr_decay_fraction is None else {"lr_decay_fraction": self.cfg.lr_decay_fraction}
@@ -358,16 +314,21 @@ class RecipeSAE(MatryoshkaSAE):
 
     @torch.no_grad()
     def observe_steps(self, steps: list[SparseActs]) -> None:
-        """θ_t ← (1−lr)θ_t + lr·min positive activation of step t's selection (no host sync)."""
-        lr = self.cfg.topk_threshold_lr
-        for t, acts in enumerate(steps):
-            if acts.values.numel() == 0:
-                continue
-            v = acts.values.detach()
-            low = torch.where(v > 0, v, torch.full_like(v, float("inf"))).min().to(torch.float64)
-            theta = self.ista_thresholds[t]
-            self.ista_thresholds[t] = torch.where(torch.isfinite(low), (1 - lr) * theta + lr * low, theta)
+        """θ_t ← bias-corrected EMA of step t's minimum positive selected activation (no host sync)."""
+        low_T = torch.stack([min_positive(a.values) for a in steps])
+        debiased_ema_update(
+            self.ista_thresholds,
+            self.ista_threshold_weights,
+            low_T,
+            self.cfg.topk_threshold_lr,
+            valid=torch.isfinite(low_T),
+        )
         self.topk_threshold.copy_(self.ista_thresholds[-1])
+        self.topk_threshold_weight.copy_(self.ista_threshold_weights[-1])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        default_missing_buffers(state_dict, prefix, {"ista_threshold_weights": "ista_thresholds"})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ----- the (refined) encoder ----------------------------------------------------------------
     def ista(
@@ -389,11 +350,11 @@ class RecipeSAE(MatryoshkaSAE):
             x_s_BD = self.scale_input(x_BD)
             x_tilde_BD = x_s_BD - self.b_dec_D if cfg.apply_b_dec_to_input else x_s_BD
             norms_L = self.W_dec_LD.norm(dim=1) if rescale else None
-            U_LD = self.W_dec_LD / norms_L.unsqueeze(1) if rescale else self.W_dec_LD
+            U_LD = self.W_dec_LD / norms_L.unsqueeze(1) if norms_L is not None else self.W_dec_LD
         with torch.no_grad():
             x_tilde_ng = x_tilde_BD.detach()
             h0_BL = x_tilde_ng @ self.W_enc_DL + self.b_enc_L
-            n_ng = norms_L.detach() if rescale else None
+            n_ng = norms_L.detach() if norms_L is not None else None
         B = x_BD.shape[0]
         R_BD = Q_BL = None
         steps: list[SparseActs] = []
@@ -401,7 +362,7 @@ class RecipeSAE(MatryoshkaSAE):
         for t in range(cfg.ista_steps + 1):
             with torch.no_grad():
                 h_BL = h0_BL if Q_BL is None else h0_BL + Q_BL
-                scores_BL = h_BL * n_ng if rescale else h_BL
+                scores_BL = h_BL * n_ng if n_ng is not None else h_BL
             if all_scores is not None:
                 all_scores.append(scores_BL)
             batch_idx, latent_idx = select(scores_BL, t)
@@ -444,8 +405,9 @@ class RecipeSAE(MatryoshkaSAE):
         # passes its IstaTrace as `hidden_pre_BL` so those values are the refined h^T with gradients.
         if isinstance(hidden_pre_BL, IstaTrace):
             tr = hidden_pre_BL
-            return self._refined_values(tr.x_tilde_BD.detach(), tr.h0_BL, tr.R_BD, tr.Q_BL, tr.norms_L,
-                                        batch_idx, latent_idx)
+            return self._refined_values(
+                tr.x_tilde_BD.detach(), tr.h0_BL, tr.R_BD, tr.Q_BL, tr.norms_L, batch_idx, latent_idx
+            )
         return super()._gather_scaled(x_tilde_BD, hidden_pre_BL, batch_idx, latent_idx)
 
     # ----- Matryoshka levels ----------------------------------------------------------------------
@@ -475,6 +437,7 @@ class RecipeSAE(MatryoshkaSAE):
     # ----- training -----------------------------------------------------------------------------
     def train_forward(self, x_BD: torch.Tensor, ctx: StepContext) -> StepOutput:
         cfg = self.cfg
+        self.remember_batch(x_BD)
         trace = self.ista(x_BD, lambda scores_BL, t: self.select(scores_BL, ctx), grad=True)
         acts = trace.steps[-1]
         self.observe_steps(trace.steps)  # thresholds track the BatchTopK selections, as at inference
@@ -482,8 +445,10 @@ class RecipeSAE(MatryoshkaSAE):
             acts = acts.masked(self.leave_one_out_mask(trace.x_s_BD.detach(), acts, trace.U_LD.detach()))
         self.update_frequencies(acts)
         if cfg.ksvd_every and ctx.step % cfg.ksvd_every == 0:
-            self._ksvd_batch = (trace.x_s_BD.detach(), SparseActs(acts.batch_idx, acts.latent_idx, acts.values.detach(),
-                                                                 acts.batch_size, acts.d_sae))
+            self._ksvd_batch = (
+                trace.x_s_BD.detach(),
+                SparseActs(acts.batch_idx, acts.latent_idx, acts.values.detach(), acts.batch_size, acts.d_sae),
+            )
         rank_L = self.level_order()
         x_s_BD = trace.x_s_BD
         x_hat_BD, inner = self.level_reconstructions(acts, trace.U_LD, rank_L)
@@ -510,8 +475,9 @@ class RecipeSAE(MatryoshkaSAE):
         x_tilde_ng = trace.x_tilde_BD.detach()
         widths = self.level_widths()
         if not (self.cfg.use_matryoshka_aux_loss and len(widths) > 1):
-            return self.aux_k_loss(x_s_BD - x_hat_BD.detach(), x_tilde_ng, trace, trace.scores_BL, trace.U_LD,
-                                   ctx.dead_mask_L, zero)
+            return self.aux_k_loss(
+                x_s_BD - x_hat_BD.detach(), x_tilde_ng, trace, trace.scores_BL, trace.U_LD, ctx.dead_mask_L, zero
+            )
         total, start = zero, 0
         for width, recon_BD in zip(widths, inner + [x_hat_BD]):
             if rank_L is None:
@@ -519,8 +485,15 @@ class RecipeSAE(MatryoshkaSAE):
                 in_level_L[start:width] = True
             else:
                 in_level_L = (rank_L >= start) & (rank_L < width)
-            total = total + self.aux_k_loss(x_s_BD - recon_BD.detach(), x_tilde_ng, trace, trace.scores_BL,
-                                            trace.U_LD, ctx.dead_mask_L & in_level_L, zero)
+            total = total + self.aux_k_loss(
+                x_s_BD - recon_BD.detach(),
+                x_tilde_ng,
+                trace,
+                trace.scores_BL,
+                trace.U_LD,
+                ctx.dead_mask_L & in_level_L,
+                zero,
+            )
             start = width
         return total
 
@@ -601,12 +574,18 @@ class RecipeSAE(MatryoshkaSAE):
         `rescale_acts_by_decoder_norm` off — same codes and outputs, saved with architecture "recipe"
         (and its thresholds and η as extra tensors). SAELens cannot load that architecture; saelab's
         `load_sae` can (once `saelab.saes.recipe` is imported)."""
+        source = self.calibrated_clone()
         if self.cfg.ista_steps == 0 and not self.cfg.leave_one_out:
-            source = self.clone()
             with torch.no_grad():  # θ₀ is authoritative (topk_threshold only mirrors it while training)
                 source.topk_threshold.copy_(source.ista_thresholds[-1])
             return BatchThresholdMixin.to_inference(source)
-        return TopKFamilySAE.to_inference(self)
+        return TopKFamilySAE.to_inference(source)
+
+    @torch.no_grad()
+    def threshold_cuts(self, x_BD: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each refinement step's BatchTopK cut at the final k (what `observe_steps` averages in training)."""
+        trace = self.ista(x_BD, lambda scores_BL, t: self.select(scores_BL, None), grad=False)
+        return {"ista_thresholds": torch.stack([min_positive(a.values) for a in trace.steps])}
 
     def _fold_input_scale_extra(self, scale: float) -> None:
         super()._fold_input_scale_extra(scale)
@@ -620,102 +599,3 @@ class RecipeSAE(MatryoshkaSAE):
 
 
 register_ablations(RecipeSAE)
-
-
-# ----- Multi-L0 -----------------------------------------------------------------------------------
-@dataclass(kw_only=True)
-class MultiL0SAEConfig(BatchTopKSAEConfig):
-    """k_high is the SAE's k (they are kept equal); k_low defaults to k_high / 2."""
-
-    k_low: float | None = None
-    k_high: float | None = None
-    low_loss_coefficient: float = 1.0
-    inference_level: Literal["high", "low"] = "high"
-
-    def validate(self) -> None:
-        if self.k_high is None:
-            self.k_high = self.k
-        else:
-            self.k = self.k_high
-        if self.k_low is None and _finite(self.k_high):
-            self.k_low = 0.5 * self.k_high
-        super().validate()
-        require(_finite(self.k_low) and 0 < self.k_low < self.k_high, "k_low", self.k_low,
-                f"must be > 0 and < k_high={self.k_high}")
-        require(_finite(self.low_loss_coefficient) and self.low_loss_coefficient >= 0, "low_loss_coefficient",
-                self.low_loss_coefficient, "must be a finite number ≥ 0")
-        require(self.inference_level in ("high", "low"), "inference_level", self.inference_level,
-                "must be 'high' or 'low'")
-
-
-@register_sae("multi_l0")
-class MultiL0SAE(BatchThresholdMixin, TopKFamilySAE):
-    """BatchTopK trained on MSE(k_high) + c·MSE(k_low) from the same pre-activations (seed-posts §6.1).
-
-    Both selections are BatchTopK of the same scores, so the k_low set is exactly the top part of the
-    k_high set: this is a Matryoshka loss along the activation-rank axis (the largest k_low·B
-    activations must reconstruct on their own) rather than along the latent index. The too-low term
-    alone would make latents hedge (mix in correlated/high-frequency features); the too-high term
-    works against that mixing, since a hedged latent double-counts the shared direction once the
-    feature's own latent also fires at k_high; the too-low term in turn constrains the high-L0
-    degenerate solutions (each input's main content must sit in its largest activations). This is
-    the rationale of §6.1's claim, not a proof: the optimum of the sum is not guaranteed to be the
-    true dictionary, and the benefit has to be measured.
-
-    Inference: a JumpReLU at the k_high threshold (default) — the full model the high loss trains
-    and the L0 the benchmark asks for; `inference_level="low"` uses the k_low threshold instead. Both
-    thresholds are tracked (`topk_threshold` for high, `low_threshold` for low). Which inference
-    point scores best is an empirical question; nothing here finds the true L0 for you.
-    """
-
-    config_class = MultiL0SAEConfig
-    cfg: MultiL0SAEConfig
-
-    def __init__(self, cfg: MultiL0SAEConfig):
-        super().__init__(cfg)
-        self.init_threshold()
-        self.register_buffer("low_threshold", torch.zeros((), dtype=torch.float64, device=self.W_dec_LD.device))
-
-    @classmethod
-    def config_for_l0(cls, d_in: int, d_sae: int, l0: float, total_steps: int, **overrides: Any) -> MultiL0SAEConfig:
-        """k_high = l0 (the evaluated L0), k_low = l0 / 2 (override `k_low` to change the bracket)."""
-        return MultiL0SAEConfig(**{"d_in": d_in, "d_sae": d_sae, "k": l0, "k_high": l0, "k_low": 0.5 * l0, **overrides})
-
-    def select(self, scores_BL: torch.Tensor, ctx: StepContext | None) -> tuple[torch.Tensor, torch.Tensor]:
-        return select_batch_topk(scores_BL, self.cfg.k_high)
-
-    def low_mask(self, acts: SparseActs) -> torch.Tensor:
-        """Entries of the k_high selection that are also in the batch's top int(k_low·B): BatchTopK(k_low)."""
-        m = min(int(self.cfg.k_low * acts.batch_size), acts.values.numel())
-        mask = torch.zeros(acts.values.numel(), dtype=torch.bool, device=acts.values.device)
-        if m > 0:
-            mask[acts.values.detach().topk(m, sorted=False).indices] = True
-        return mask
-
-    def extra_losses(self, x_s_BD, x_tilde_BD, hidden_pre_BL, scores_BL, acts, W_unit_LD, ctx):
-        mask = self.low_mask(acts)
-        self._last_low_mask = mask
-        recon_low_BD = acts.decode_rows(W_unit_LD, mask=mask) + self.b_dec_D
-        return {"mse_low": self.cfg.low_loss_coefficient * mse_per_sample(recon_low_BD, x_s_BD).mean()}
-
-    @torch.no_grad()
-    def observe_acts(self, acts: SparseActs) -> None:
-        super().observe_acts(acts)
-        mask = getattr(self, "_last_low_mask", None)
-        if mask is not None and mask.shape[0] == acts.values.numel() and bool(mask.any()):
-            lr = self.cfg.topk_threshold_lr
-            self.low_threshold.mul_(1 - lr).add_(lr * acts.values[mask].min().to(torch.float64))
-        self._last_low_mask = None
-
-    def _fold_input_scale_extra(self, scale: float) -> None:
-        super()._fold_input_scale_extra(scale)
-        if self.cfg.rescale_acts_by_decoder_norm:
-            self.low_threshold.div_(scale)
-
-    def to_inference(self) -> SAE:
-        if self.cfg.inference_level == "low":
-            source = self.clone()
-            with torch.no_grad():
-                source.topk_threshold.copy_(source.low_threshold)
-            return BatchThresholdMixin.to_inference(source)
-        return BatchThresholdMixin.to_inference(self)

@@ -22,18 +22,9 @@ from typing import Any
 import torch
 
 from saelab.errors import require
-from saelab.saes.base import (
-    SAE,
-    SPARSE_MAX_DENSITY,
-    SAEConfig,
-    SparseActs,
-    StepContext,
-    StepOutput,
-    gather_pre_acts,
-    mse_per_sample,
-    per_sample_sum,
-    register_sae,
-)
+from saelab.saes.base import SAE, AutotuneTarget, SAEConfig, StepContext, StepOutput, mse_per_sample
+from saelab.saes.kernels import SPARSE_MAX_DENSITY, SparseActs, gather_pre_acts, per_sample_sum
+from saelab.saes.registry import register_sae
 
 
 def validate_autotune_fields(cfg: Any) -> None:
@@ -50,7 +41,12 @@ def validate_autotune_fields(cfg: Any) -> None:
 
 
 def require_non_negative(name: str, value: Any) -> None:
-    require(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name, value, "must be a finite number ≥ 0")
+    require(
+        isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
+        name,
+        value,
+        "must be a finite number ≥ 0",
+    )
 
 
 def require_steps(name: str, value: Any) -> None:
@@ -84,10 +80,11 @@ class StandardSAE(SAE):
     config_class = StandardSAEConfig
     cfg: StandardSAEConfig
 
-    @property
-    def autotuned_coefficient(self) -> str | None:
-        """The coefficient the trainer's L0 autotuner scales (when `cfg.target_l0` is set)."""
-        return "l1" if self.cfg.target_l0 is not None else None
+    def autotune_target(self) -> AutotuneTarget | None:
+        """The autotuner scales "l1" toward `cfg.target_l0` (when set)."""
+        if self.cfg.target_l0 is None:
+            return None
+        return AutotuneTarget("l1", float(self.cfg.target_l0), float(self.cfg.autotune_start_fraction))
 
     @classmethod
     def config_for_l0(cls, d_in: int, d_sae: int, l0: float, total_steps: int, **overrides: Any) -> StandardSAEConfig:
@@ -126,8 +123,9 @@ class StandardSAE(SAE):
         if self.cfg.lp_norm == 1:
             active_BL = hidden_pre_BL.detach() > 0
             if int(active_BL.sum()) <= SPARSE_MAX_DENSITY * active_BL.numel():
-                return self._train_forward_sparse(x_tilde_BD.detach(), hidden_pre_BL.detach(), active_BL, target_BD,
-                                                  l1_coefficient)
+                return self._train_forward_sparse(
+                    x_tilde_BD.detach(), hidden_pre_BL.detach(), active_BL, target_BD, l1_coefficient
+                )
         acts_BL = torch.relu(hidden_pre_BL)
         x_hat_BD = self.reconstruct(acts_BL)
         losses = {

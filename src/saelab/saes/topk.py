@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from saelab.errors import require
-from saelab.saes.base import StepContext, register_sae
+from saelab.saes.base import StepContext
+from saelab.saes.registry import register_sae
 from saelab.saes.topk_family import TopKFamilyConfig, TopKFamilySAE, select_topk
 
 

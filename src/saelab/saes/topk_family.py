@@ -1,7 +1,7 @@
 """Shared machinery of the TopK family (TopK, BatchTopK, Matryoshka BatchTopK).
 
 Why it is fast: the dense encoder matmul x̃ W_enc is computed once without autograd; only the
-selected (sample, latent) entries enter the graph, through `gather_pre_acts` (in `base`), whose backward
+selected (sample, latent) entries enter the graph, through `gather_pre_acts` (in `kernels`), whose backward
 touches just those entries (N·D work for N active entries instead of B·L·D). The decoder likewise
 reads only the active rows of W_dec. So a training step costs one dense B×D×L matmul plus
 O(N·D) sparse work, where SAELens pays for about six dense matmuls.
@@ -13,12 +13,21 @@ decoding uses W_dec / ‖W_dec‖, so the decoder norm never changes which laten
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, TypeVar, cast
 
 import torch
 
 from saelab.errors import require
-from saelab.saes.base import SAE, SAEConfig, SparseActs, StepContext, StepOutput, gather_pre_acts, mse_per_sample
+from saelab.saes.base import SAE, SAEConfig, StepContext, StepOutput, mse_per_sample
+from saelab.saes.kernels import SparseActs, gather_pre_acts
+
+if TYPE_CHECKING:
+    from saelab.saes.batchtopk import BatchTopKSAEConfig
+    from saelab.saes.jumprelu import JumpReLUSAE
+
+_TopKT = TypeVar("_TopKT", bound="TopKFamilySAE")
 
 
 def select_topk(scores_BL: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,8 +115,10 @@ class TopKFamilySAE(SAE):
             return self.W_dec_LD / self.W_dec_LD.norm(dim=1, keepdim=True)
         return self.W_dec_LD
 
-    def encode_train(self, x_BD: torch.Tensor, ctx: StepContext | None) -> tuple[torch.Tensor, torch.Tensor, SparseActs]:
-        """(x̃, scores_BL without grad, active codes with grad) for a training step."""
+    def encode_train(
+        self, x_BD: torch.Tensor, ctx: StepContext | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], SparseActs]:
+        """(x̃, (hidden_pre_BL, scores_BL) without grad, active codes with grad) for a training step."""
         with torch.no_grad():
             x_tilde_BD = self.process_input(x_BD)
             hidden_pre_BL = x_tilde_BD @ self.W_enc_DL + self.b_enc_L
@@ -159,7 +170,9 @@ class TopKFamilySAE(SAE):
             metrics=metrics,
         )
 
-    def extra_losses(self, x_s_BD, x_tilde_BD, hidden_pre_BL, scores_BL, acts, W_unit_LD, ctx) -> dict[str, torch.Tensor]:
+    def extra_losses(
+        self, x_s_BD, x_tilde_BD, hidden_pre_BL, scores_BL, acts, W_unit_LD, ctx
+    ) -> dict[str, torch.Tensor]:
         """Losses beyond the full-width MSE (Matryoshka's inner levels)."""
         return {}
 
@@ -170,8 +183,15 @@ class TopKFamilySAE(SAE):
         """AuxK (Gao et al.): the top dead latents reconstruct the detached residual."""
         if ctx.dead_mask_L is None or self.cfg.aux_loss_coefficient == 0:
             return None
-        return self.aux_k_loss(x_s_BD - x_hat_BD.detach(), x_tilde_BD, hidden_pre_BL, scores_BL, W_unit_LD,
-                               ctx.dead_mask_L, x_s_BD.new_tensor(0.0))
+        return self.aux_k_loss(
+            x_s_BD - x_hat_BD.detach(),
+            x_tilde_BD,
+            hidden_pre_BL,
+            scores_BL,
+            W_unit_LD,
+            ctx.dead_mask_L,
+            x_s_BD.new_tensor(0.0),
+        )
 
     def aux_k_loss(self, residual_BD, x_tilde_BD, hidden_pre_BL, scores_BL, W_unit_LD, dead_mask_L, zero):
         """scale · ‖Σ_top-k_aux dead latents − residual‖², k_aux = d_in // 2, scale = min(n_dead/k_aux, 1).
@@ -196,6 +216,10 @@ class TopKFamilySAE(SAE):
 
     # ----- inference conversion ------------------------------------------------------------------
     def to_inference(self) -> SAE:
+        return self.folded_clone()
+
+    def folded_clone(self: _TopKT) -> _TopKT:
+        """A clone with the input scale and decoder norms folded in (what `to_inference` returns)."""
         sae = self.clone()
         sae.fold_input_scale()
         if sae.cfg.rescale_acts_by_decoder_norm:
@@ -204,21 +228,122 @@ class TopKFamilySAE(SAE):
         return sae
 
 
-class BatchThresholdMixin:
-    """BatchTopK's global threshold: θ ← (1−η)θ + η·min positive activation (float64 EMA).
+def min_positive(values: torch.Tensor) -> torch.Tensor:
+    """The smallest positive entry as a float64 scalar (inf if none); no host sync."""
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=values.device)
+    if values.numel() == 0:
+        return inf
+    return torch.where(values > 0, values.detach().to(torch.float64), inf).min()
 
-    At inference the SAE becomes a JumpReLU with threshold θ on every latent.
+
+@torch.no_grad()
+def debiased_ema_update(
+    value: torch.Tensor, weight: torch.Tensor, observed: torch.Tensor, lr: float, valid: torch.Tensor | None = None
+) -> None:
+    """In place: `value` ← the bias-corrected EMA of the observations, `weight` ← 1 − (1−lr)ⁿ.
+
+    A plain EMA started at 0 is (1 − (1−lr)ⁿ)·(average) after n updates: 63% of it after 100 steps
+    at lr 0.01, so a threshold kept that way fires far too many latents after a short run. As in
+    Adam, the raw EMA m = value·weight is divided by its weight. Where `valid` is False (no
+    observation this step) both stay unchanged; no host sync."""
+    new_weight = (1 - lr) * weight + lr
+    new_value = ((1 - lr) * value * weight + lr * observed.to(value.dtype)) / new_weight
+    if valid is not None:
+        new_weight = torch.where(valid, new_weight, weight)
+        new_value = torch.where(valid, new_value, value)
+    value.copy_(new_value)
+    weight.copy_(new_weight)
+
+
+def default_missing_buffers(state_dict: dict, prefix: str, defaults: dict[str, str]) -> None:
+    """Checkpoints from before a weight buffer existed: weight 1 = their threshold taken as is."""
+    for weight_name, value_name in defaults.items():
+        if prefix + weight_name not in state_dict and prefix + value_name in state_dict:
+            state_dict[prefix + weight_name] = torch.ones_like(state_dict[prefix + value_name])
+
+
+# The mixin is only ever combined with a TopKFamilySAE (`class X(BatchThresholdMixin, TopKFamilySAE)`);
+# type checkers see that base so `self` has the SAE's attributes. At runtime the mixin derives from object.
+if TYPE_CHECKING:
+    _BatchThresholdBase = TopKFamilySAE
+else:
+    _BatchThresholdBase = object
+
+_BatchThresholdT = TypeVar("_BatchThresholdT", bound="BatchThresholdMixin")
+
+
+class BatchThresholdMixin(_BatchThresholdBase):
+    """BatchTopK's global threshold θ, the cut an inference JumpReLU uses on every latent.
+
+    While training, θ is the bias-corrected EMA (rate η) of each batch's minimum positive selected
+    activation (float64). The EMA lags: activations grow during training, so after a short run the
+    average of past cuts sits well below the final weights' cut (30% low after 100 steps on a toy
+    model, firing ~30% more latents than asked). So `to_inference` recalibrates: it recomputes the
+    cut with the final weights on the last `calibration_batches` training batches (kept in memory,
+    not in the state dict) and uses their mean. The EMA is what remains for an SAE that has seen no
+    batch in this process (loaded, or resumed with nothing left to train).
     """
 
+    calibration_batches: ClassVar[int] = 4
+    cfg: BatchTopKSAEConfig
+    # Registered buffers (nn.Module types buffer attributes as `Tensor | Module`).
+    topk_threshold: torch.Tensor
+    topk_threshold_weight: torch.Tensor
+
     def init_threshold(self) -> None:
-        self.register_buffer("topk_threshold", torch.zeros((), dtype=torch.float64, device=self.W_dec_LD.device))
+        device = self.W_dec_LD.device
+        self.register_buffer("topk_threshold", torch.zeros((), dtype=torch.float64, device=device))
+        self.register_buffer("topk_threshold_weight", torch.zeros((), dtype=torch.float64, device=device))
+        self._recent_inputs: deque[torch.Tensor] = deque(maxlen=self.calibration_batches)
+
+    def remember_batch(self, x_BD: torch.Tensor) -> None:
+        """Keep a training batch for `to_inference`'s threshold calibration."""
+        self._recent_inputs.append(x_BD.detach())
+
+    def train_forward(self, x_BD: torch.Tensor, ctx: StepContext) -> StepOutput:
+        self.remember_batch(x_BD)
+        return super().train_forward(x_BD, ctx)
+
+    @torch.no_grad()
+    def selected_scores(self, x_BD: torch.Tensor) -> SparseActs:
+        """The entries the batch selection keeps for `x_BD`, with their scores, at the current weights."""
+        x_tilde_BD = self.process_input(x_BD)
+        scores_BL = (x_tilde_BD @ self.W_enc_DL + self.b_enc_L) * self.decoder_norms()
+        batch_idx, latent_idx = self.select(scores_BL, None)
+        return SparseActs(batch_idx, latent_idx, scores_BL[batch_idx, latent_idx], x_BD.shape[0], self.d_sae)
+
+    @torch.no_grad()
+    def threshold_cuts(self, x_BD: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Threshold buffer → this batch's BatchTopK cut at the final k, with the current weights."""
+        return {"topk_threshold": min_positive(self.selected_scores(x_BD).values)}
+
+    @torch.no_grad()
+    def calibrated_clone(self: _BatchThresholdT) -> _BatchThresholdT:
+        """A clone whose thresholds are the mean cuts of the final weights on the remembered batches."""
+        clone = self.clone()
+        cuts: dict[str, list[torch.Tensor]] = {}
+        for x_BD in self._recent_inputs:
+            for name, cut in self.threshold_cuts(x_BD).items():
+                cuts.setdefault(name, []).append(cut)
+        for name, values in cuts.items():
+            stacked = torch.stack(values)  # [batches] or [batches, steps]
+            found = torch.isfinite(stacked)  # inf: a batch with no positive selection
+            mean = torch.where(found, stacked, 0).sum(0) / found.sum(0).clamp_min(1)
+            buffer = getattr(clone, name)
+            buffer.copy_(torch.where(found.any(0), mean, buffer))
+        return clone
 
     @torch.no_grad()
     def observe_acts(self, acts: SparseActs) -> None:
         positive = acts.values[acts.values > 0]
         if positive.numel():
-            lr = self.cfg.topk_threshold_lr
-            self.topk_threshold.mul_(1 - lr).add_(lr * positive.min().to(torch.float64))
+            debiased_ema_update(
+                self.topk_threshold, self.topk_threshold_weight, positive.min(), self.cfg.topk_threshold_lr
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        default_missing_buffers(state_dict, prefix, {"topk_threshold_weight": "topk_threshold"})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _fold_input_scale_extra(self, scale: float) -> None:
         # θ is in units of h·‖W_dec‖, and folding divided W_dec by the scale (SAELens #763).
@@ -227,10 +352,10 @@ class BatchThresholdMixin:
 
     def to_inference(self) -> SAE:
         """A JumpReLU SAE with the decoder norms and input scale folded in and θ on every latent."""
-        from saelab.saes.base import get_sae_class
+        from saelab.saes.registry import registered_sae_class
 
-        folded = TopKFamilySAE.to_inference(self)
-        jumprelu_cls = get_sae_class("jumprelu")
+        folded = self.calibrated_clone().folded_clone()
+        jumprelu_cls = cast("type[JumpReLUSAE]", registered_sae_class("jumprelu"))  # the built-in JumpReLU
         cfg = jumprelu_cls.config_class(
             d_in=self.d_in,
             d_sae=self.d_sae,

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, TypeGuard, cast
 
 import torch
 
+from saelab.dtypes import dtype_from_name
 from saelab.errors import ConfigError, require
 
 # =============================================================================
@@ -23,7 +24,7 @@ from saelab.errors import ConfigError, require
 # =============================================================================
 
 
-def _is_number(x: Any) -> bool:
+def _is_number(x: Any) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -65,7 +66,7 @@ class FiringProbabilityConfig:
         return d
 
     @staticmethod
-    def from_dict(d: dict[str, Any], prefix: str = "firing_probability") -> "FiringProbabilityConfig":
+    def from_dict(d: dict[str, Any], prefix: str = "firing_probability") -> FiringProbabilityConfig:
         if not isinstance(d, dict):
             raise ConfigError(prefix, d, "must be a JSON object with a generator_name")
         d = dict(d)
@@ -193,7 +194,7 @@ class MagnitudeConfig:
         return d
 
     @staticmethod
-    def from_dict(d: dict[str, Any], prefix: str) -> "MagnitudeConfig":
+    def from_dict(d: dict[str, Any], prefix: str) -> MagnitudeConfig:
         d = dict(d)
         name = d.pop("generator_name", None)
         cls = MAGNITUDE_CONFIGS.get(name)  # type: ignore[arg-type]
@@ -296,7 +297,7 @@ MAGNITUDE_CONFIGS: dict[str, type[MagnitudeConfig]] = {
     for c in (ConstantMagnitudeConfig, LinearMagnitudeConfig, ExponentialMagnitudeConfig, FoldedNormalMagnitudeConfig)
 }
 
-MagnitudeSpec = Union[float, MagnitudeConfig]
+MagnitudeSpec = float | MagnitudeConfig
 
 
 def generate_magnitudes(num_features: int, spec: MagnitudeSpec, seed: int | None = None) -> torch.Tensor:
@@ -332,7 +333,7 @@ class CorrelationConfig:
         return d
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "CorrelationConfig":
+    def from_dict(d: dict[str, Any]) -> CorrelationConfig:
         if not isinstance(d, dict):
             raise ConfigError("correlation", d, "must be a JSON object")
         d = dict(d)
@@ -441,7 +442,7 @@ class HierarchyConfig:
         _check_int(p + "total_root_nodes", self.total_root_nodes, 1)
         bf = self.branching_factor
         if isinstance(bf, list):
-            bf = self.branching_factor = tuple(bf)  # JSON has no tuples
+            bf = self.branching_factor = cast("tuple[int, int]", tuple(bf))  # JSON has no tuples; checked below
         if isinstance(bf, tuple):
             require(len(bf) == 2, p + "branching_factor", bf, "must be an int or a (min, max) pair")
             _check_int(p + "branching_factor[0]", bf[0], 2)
@@ -476,7 +477,7 @@ class HierarchyConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "HierarchyConfig":
+    def from_dict(cls, d: dict[str, Any]) -> HierarchyConfig:
         return cls(**_kwargs_from(cls, d, "hierarchy"))
 
 
@@ -502,7 +503,7 @@ class OrthogonalizationConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "OrthogonalizationConfig":
+    def from_dict(cls, d: dict[str, Any]) -> OrthogonalizationConfig:
         return cls(**_kwargs_from(cls, d, "orthogonalization"))
 
 
@@ -510,7 +511,7 @@ class OrthogonalizationConfig:
 # the model config
 # =============================================================================
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+MODEL_DTYPES = ("float32", "float64")  # the sampler and orthogonaliser need full precision
 
 
 @dataclass
@@ -562,7 +563,12 @@ class SyntheticModelConfig:
         )
         if isinstance(self.correlation, FullCorrelationConfig):
             n = len(self.correlation.matrix)
-            require(n == self.num_features, "correlation.matrix", f"{n}x{n}", f"must be {self.num_features}x{self.num_features}")
+            require(
+                n == self.num_features,
+                "correlation.matrix",
+                f"{n}x{n}",
+                f"must be {self.num_features}x{self.num_features}",
+            )
         for name in ("std_firing_magnitudes", "mean_firing_magnitudes"):
             v = getattr(self, name)
             require(
@@ -572,7 +578,9 @@ class SyntheticModelConfig:
                 "must be a number or a MagnitudeConfig",
             )
         if _is_number(self.std_firing_magnitudes):
-            require(self.std_firing_magnitudes >= 0, "std_firing_magnitudes", self.std_firing_magnitudes, "must be >= 0")
+            require(
+                self.std_firing_magnitudes >= 0, "std_firing_magnitudes", self.std_firing_magnitudes, "must be >= 0"
+            )
         require(
             isinstance(self.bias, bool) or (_is_number(self.bias) and self.bias >= 0),
             "bias",
@@ -580,14 +588,14 @@ class SyntheticModelConfig:
             "must be true/false or a non-negative norm",
         )
         dt = self.dtype.removeprefix("torch.") if isinstance(self.dtype, str) else self.dtype
-        require(dt in _DTYPES, "dtype", self.dtype, f"must be one of {sorted(_DTYPES)}")
+        dtype_from_name(dt, "dtype", allowed=MODEL_DTYPES)
         self.dtype = dt
         if self.seed is not None:
             _check_int("seed", self.seed, 0)
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return dtype_from_name(self.dtype, "dtype", allowed=MODEL_DTYPES)
 
     @property
     def saelens_compatible(self) -> bool:
@@ -613,7 +621,7 @@ class SyntheticModelConfig:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SyntheticModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> SyntheticModelConfig:
         """Parse a dict written by `to_dict` here or by SAELens's `SyntheticModelConfig.to_dict`."""
         if not isinstance(d, dict):
             raise ConfigError("config", type(d).__name__, "must be a JSON object")

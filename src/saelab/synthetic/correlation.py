@@ -39,7 +39,9 @@ def generate_low_rank_correlation(
 
 def validate_low_rank(factor_FR: torch.Tensor, diag_F: torch.Tensor, num_features: int, where: str) -> None:
     if factor_FR.ndim != 2 or factor_FR.shape[0] != num_features:
-        raise ConfigError(f"{where}correlation_factor", tuple(factor_FR.shape), f"must have shape ({num_features}, rank)")
+        raise ConfigError(
+            f"{where}correlation_factor", tuple(factor_FR.shape), f"must have shape ({num_features}, rank)"
+        )
     if diag_F.shape != (num_features,):
         raise ConfigError(f"{where}correlation_diag", tuple(diag_F.shape), f"must have shape ({num_features},)")
     if not torch.isfinite(factor_FR).all() or not torch.isfinite(diag_F).all():
@@ -91,7 +93,9 @@ def generate_random_correlation_matrix(
     return fix_correlation_matrix(matrix)
 
 
-def validate_correlation_matrix(matrix_FF: torch.Tensor, field_name: str = "correlation.matrix", atol: float = 1e-5) -> None:
+def validate_correlation_matrix(
+    matrix_FF: torch.Tensor, field_name: str = "correlation.matrix", atol: float = 1e-5
+) -> None:
     """Raise ConfigError unless the matrix is square, finite, symmetric, unit-diagonal and PSD."""
     if matrix_FF.ndim != 2 or matrix_FF.shape[0] != matrix_FF.shape[1]:
         raise ConfigError(field_name, tuple(matrix_FF.shape), "must be a square matrix")

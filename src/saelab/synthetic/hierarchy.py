@@ -22,7 +22,7 @@ class HierarchyNode:
     """One node. `feature_index=None` is an organisational node with no feature of its own."""
 
     feature_index: int | None = None
-    children: list["HierarchyNode"] = field(default_factory=list)
+    children: list[HierarchyNode] = field(default_factory=list)
     mutually_exclusive_children: bool = False
     scale_children_by_parent: bool = False
     feature_id: str | None = None
@@ -37,7 +37,7 @@ class HierarchyNode:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], path: str = "roots[?]") -> "HierarchyNode":
+    def from_dict(cls, d: dict[str, Any], path: str = "roots[?]") -> HierarchyNode:
         if not isinstance(d, dict):
             raise ConfigError(path, type(d).__name__, "must be a JSON object")
         idx = d.get("feature_index")
@@ -84,8 +84,10 @@ class CompiledHierarchy:
     max_siblings: int
     has_rescale: bool
 
-    def to(self, device: torch.device | str) -> "CompiledHierarchy":
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+    def to(self, device: torch.device | str) -> CompiledHierarchy:
+        moved: dict[str, Any] = {
+            k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()
+        }
         return CompiledHierarchy(**moved)
 
 
@@ -214,7 +216,7 @@ class Hierarchy:
         return {"roots": [r.to_dict() for r in self.roots]}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], num_features: int) -> "Hierarchy":
+    def from_dict(cls, d: dict[str, Any], num_features: int) -> Hierarchy:
         if not isinstance(d, dict) or not isinstance(d.get("roots"), list):
             raise ConfigError("hierarchy", type(d).__name__, "must be an object with a 'roots' list")
         return cls([HierarchyNode.from_dict(r, f"roots[{k}]") for k, r in enumerate(d["roots"])], num_features)

@@ -64,7 +64,7 @@ class HierarchySampler:
             ptr[1:] = torch.cumsum(torch.bincount(parents, minlength=F), 0)
             self.csr[level] = (ptr, kids)
 
-    def to(self, device: torch.device | str) -> "HierarchySampler":
+    def to(self, device: torch.device | str) -> HierarchySampler:
         out = HierarchySampler.__new__(HierarchySampler)
         for k, v in self.__dict__.items():
             if isinstance(v, torch.Tensor):
@@ -77,7 +77,9 @@ class HierarchySampler:
         return out
 
     # ---------------------------------------------------------------- child cells
-    def _child_fire(self, rows: torch.Tensor, feats: torch.Tensor, eps_BR: torch.Tensor | None, batch_key: int) -> torch.Tensor:
+    def _child_fire(
+        self, rows: torch.Tensor, feats: torch.Tensor, eps_BR: torch.Tensor | None, batch_key: int
+    ) -> torch.Tensor:
         """Whether each lazy child cell (rows[k], feats[k]) fires, from its own counter-based uniform."""
         t = take(self.thresholds64_F, feats)
         if self.factor64_FR is not None and eps_BR is not None:
@@ -118,7 +120,14 @@ class HierarchySampler:
         return take(b, order), take(f, order), take(v, order)
 
     def _gate_free_entries(
-        self, b: torch.Tensor, f: torch.Tensor, v: torch.Tensor, alive: torch.Tensor, key: torch.Tensor, n: int, level: int
+        self,
+        b: torch.Tensor,
+        f: torch.Tensor,
+        v: torch.Tensor,
+        alive: torch.Tensor,
+        key: torch.Tensor,
+        n: int,
+        level: int,
     ) -> None:
         h = self.h
         sel = ((h.level_F[f] == level) & (h.parent_F[f] >= 0)).nonzero().squeeze(1)
@@ -247,7 +256,9 @@ class HierarchySampler:
             acts[rows[li], members[gis[li], ls]] = 0
         return acts.relu()
 
-    def _dense_child_values(self, B: int, kids: torch.Tensor, eps_BR: torch.Tensor | None, batch_key: int) -> torch.Tensor:
+    def _dense_child_values(
+        self, B: int, kids: torch.Tensor, eps_BR: torch.Tensor | None, batch_key: int
+    ) -> torch.Tensor:
         """Every child cell's value before gating (0 where it does not fire): B × len(kids).
 
         Same per-cell computation as the sparse path, in row chunks to bound memory.

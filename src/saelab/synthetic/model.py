@@ -8,14 +8,17 @@ offsets; everything is built on CPU, then moved), and sampling uses the model's 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import secrets
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 
 from saelab.errors import ConfigError
+from saelab.seeding import forked_generator
 from saelab.synthetic.config import (
     FullCorrelationConfig,
     LowRankCorrelationConfig,
@@ -31,9 +34,8 @@ from saelab.synthetic.correlation import (
     validate_low_rank,
 )
 from saelab.synthetic.hierarchy import Hierarchy, generate_hierarchy
-from saelab.synthetic.orthogonalize import orthogonalize
 from saelab.synthetic.hierarchy_sampling import HierarchySampler
-from saelab.synthetic.threads import torch_threads
+from saelab.synthetic.orthogonalize import orthogonalize
 from saelab.synthetic.sampling import (
     FiringPlan,
     SparseFeatureActs,
@@ -44,6 +46,7 @@ from saelab.synthetic.sampling import (
     take,
     thresholds_from_probs,
 )
+from saelab.synthetic.threads import torch_threads
 
 # Seed offsets from the base seed, as in SAELens; sampling gets its own, unused there.
 SEED_OFFSET_STD, SEED_OFFSET_MEAN, SEED_OFFSET_HIERARCHY, SEED_OFFSET_CORRELATION = 1, 2, 3, 4
@@ -56,7 +59,7 @@ def _sampling_threads(method: _Fn) -> _Fn:
     """Run a sampling method with `self.sample_threads` torch threads when on CPU."""
 
     @functools.wraps(method)
-    def wrapper(self: "SyntheticModel", *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: SyntheticModel, *args: Any, **kwargs: Any) -> Any:
         with torch_threads(self.sample_threads if self.device.type == "cpu" else None):
             return method(self, *args, **kwargs)
 
@@ -126,11 +129,15 @@ class SyntheticModel:
         self.build_seconds = time.perf_counter() - t0
 
     @staticmethod
-    def _build_correlation(cfg: SyntheticModelConfig, seed: int) -> tuple[LowRankCorrelation | None, torch.Tensor | None]:
+    def _build_correlation(
+        cfg: SyntheticModelConfig, seed: int
+    ) -> tuple[LowRankCorrelation | None, torch.Tensor | None]:
         c = cfg.correlation
         if isinstance(c, LowRankCorrelationConfig):
             # Like SAELens, the low-rank factor ignores c.seed and uses base seed + 4.
-            return generate_low_rank_correlation(cfg.num_features, c.rank, c.correlation_scale, seed + SEED_OFFSET_CORRELATION), None
+            return generate_low_rank_correlation(
+                cfg.num_features, c.rank, c.correlation_scale, seed + SEED_OFFSET_CORRELATION
+            ), None
         if isinstance(c, RandomCorrelationConfig):
             rseed = c.seed if c.seed is not None else seed + SEED_OFFSET_CORRELATION
             m = generate_random_correlation_matrix(
@@ -158,7 +165,7 @@ class SyntheticModel:
         device: str | torch.device = "cpu",
         sample_seed: int | None = None,
         seed: int | None = None,
-    ) -> "SyntheticModel":
+    ) -> SyntheticModel:
         """Assemble a model from stored tensors (loading).
 
         Magnitudes not given are generated from the config with the SAELens seed offsets.
@@ -215,7 +222,9 @@ class SyntheticModel:
         if corr_FF is not None:
             validate_correlation_matrix(corr_FF, "correlation_matrix")
         if hierarchy is not None and hierarchy.num_features != F:
-            raise ConfigError("hierarchy", hierarchy.num_features, f"was compiled for a different num_features than {F}")
+            raise ConfigError(
+                "hierarchy", hierarchy.num_features, f"was compiled for a different num_features than {F}"
+            )
         if mean_F is None:
             mean_F = generate_magnitudes(F, cfg.mean_firing_magnitudes, seed=self.seed + SEED_OFFSET_MEAN)
         if std_F is None:
@@ -234,7 +243,11 @@ class SyntheticModel:
         self.mean_magnitudes_F = mean_F.to(self.device, torch.float32)
         self.std_magnitudes_F = std_F.to(self.device, torch.float32)
         self.hierarchy = hierarchy
-        self.low_rank = LowRankCorrelation(low_rank.factor_FR.to(self.device), low_rank.diag_F.to(self.device)) if low_rank else None
+        self.low_rank = (
+            LowRankCorrelation(low_rank.factor_FR.to(self.device), low_rank.diag_F.to(self.device))
+            if low_rank
+            else None
+        )
         self.correlation_matrix_FF = corr_FF.to(self.device) if corr_FF is not None else None
         self.sample_seed = sample_seed if sample_seed is not None else self.seed + SEED_OFFSET_SAMPLING
         self._prepare_sampling()
@@ -259,7 +272,9 @@ class SyntheticModel:
             # Lazily drawn children are left out of the up-front firing draw.
             plan_probs_F = torch.where(hs.lazy_F, torch.zeros_like(probs_F), probs_F)
             self._hsampler = hs.to(self.device)
-        self._plan: FiringPlan = make_firing_plan(plan_probs_F, factor_FR=factor, diag_F=diag, corr_FF=corr).to(self.device)
+        self._plan: FiringPlan = make_firing_plan(plan_probs_F, factor_FR=factor, diag_F=diag, corr_FF=corr).to(
+            self.device
+        )
         self.generator = torch.Generator(device=self.device).manual_seed(self.sample_seed)
 
     # ------------------------------------------------------------------ basic properties
@@ -271,13 +286,20 @@ class SyntheticModel:
     def hidden_dim(self) -> int:
         return self.cfg.hidden_dim
 
-    def manual_seed(self, seed: int) -> "SyntheticModel":
+    def manual_seed(self, seed: int) -> SyntheticModel:
         """Restart the sampling stream from `seed`."""
         self.sample_seed = seed
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         return self
 
-    def to(self, device: str | torch.device) -> "SyntheticModel":
+    @contextlib.contextmanager
+    def forked_stream(self, seed: int) -> Iterator[SyntheticModel]:
+        """Inside the block the model samples the stream `seed` gives; afterwards its own stream
+        continues exactly where it was (statistics and evaluations do not disturb training)."""
+        with forked_generator(self.generator, seed):
+            yield self
+
+    def to(self, device: str | torch.device) -> SyntheticModel:
         """Move every tensor to `device`. The sampling stream restarts from `sample_seed` there."""
         device = torch.device(device)
         self.feature_vectors_FD = self.feature_vectors_FD.to(device)
@@ -297,7 +319,9 @@ class SyntheticModel:
         return self
 
     # ------------------------------------------------------------------ sampling
-    def _free_entries(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    def _free_entries(
+        self, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
         """Firing + magnitudes of the features drawn up front, ε, and the batch key for children."""
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ConfigError("batch_size", batch_size, "must be a positive integer")

@@ -9,7 +9,8 @@ memory) where SAELens forms F×F Gram chunks. Likewise Σ_{i≠j} G_ij² = ‖D�
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 
@@ -87,7 +88,7 @@ def orthogonalize(
     num_steps: int,
     lr: float,
     progress: Callable[[int, int], None] | None = None,
-    matmul_dtype: torch.dtype | None | str = "auto",
+    matmul_dtype: torch.dtype | Literal["auto"] | None = "auto",
 ) -> torch.Tensor:
     """Adam on the orthogonality loss from unit-normalised rows, then renormalise (SAELens semantics).
 
@@ -106,7 +107,7 @@ def _orthogonalize(
     num_steps: int,
     lr: float,
     progress: Callable[[int, int], None] | None,
-    matmul_dtype: torch.dtype | None | str,
+    matmul_dtype: torch.dtype | Literal["auto"] | None,
 ) -> torch.Tensor:
     param = vectors_FD.detach().clone()
     param /= param.norm(dim=1, keepdim=True).clamp(min=1e-8)

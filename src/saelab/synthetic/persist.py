@@ -38,7 +38,15 @@ FORMAT_VERSION = 1
 
 
 def save_synthetic_model(model: SyntheticModel, path: str | Path) -> Path:
-    """Write `model` to the folder `path` (created if needed). Each file is written atomically."""
+    """Write `model` to the folder `path` (created if needed). Each file is written atomically.
+
+    A TranscoderWorld is written in its own layout (`transcoder_persist`)."""
+    from saelab.synthetic.transcoder import TranscoderWorld
+
+    if isinstance(model, TranscoderWorld):
+        from saelab.synthetic.transcoder_persist import save_transcoder_world
+
+        return save_transcoder_world(model, path)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileFormatError(f"{path}: exists and is not a directory")
@@ -136,13 +144,24 @@ def load_synthetic_model(path: str | Path, device: str | torch.device = "cpu") -
         raise FileFormatError(f"{path}: not a directory (expected a saved synthetic model folder)")
     saelab_file = path / SAELAB_CONFIG_FILENAME
     saelens_file = path / SAELENS_CONFIG_FILENAME
+    from saelab.synthetic.transcoder_persist import WORLD_CONFIG_FILENAME
+
+    if (path / WORLD_CONFIG_FILENAME).is_file():
+        raise FileFormatError(
+            f"{path}: a transcoder world, not a synthetic model; load it with "
+            "saelab.synthetic.load_source or load_transcoder_world"
+        )
     meta: dict[str, Any] = {}
     if saelab_file.exists():
         meta = _read_json(saelab_file)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-            raise FileFormatError(f"{saelab_file}: not a saelab synthetic model (format={meta.get('format') if isinstance(meta, dict) else None!r})")
+            raise FileFormatError(
+                f"{saelab_file}: not a saelab synthetic model (format={meta.get('format') if isinstance(meta, dict) else None!r})"
+            )
         if meta.get("version") != FORMAT_VERSION:
-            raise FileFormatError(f"{saelab_file}: unsupported format version {meta.get('version')!r} (this saelab reads {FORMAT_VERSION})")
+            raise FileFormatError(
+                f"{saelab_file}: unsupported format version {meta.get('version')!r} (this saelab reads {FORMAT_VERSION})"
+            )
         cfg = _parse_config(meta.get("config"), saelab_file)
     elif saelens_file.exists():
         cfg = _parse_config(_read_json(saelens_file), saelens_file)
@@ -168,7 +187,9 @@ def load_synthetic_model(path: str | Path, device: str | torch.device = "cpu") -
         factor = _tensor(weights, "correlation_factor", None, wfile)
         diag = _tensor(weights, "correlation_diag", (F,), wfile)
         if factor.ndim != 2 or factor.shape[0] != F:
-            raise FileFormatError(f"{wfile}: tensor 'correlation_factor' has shape {tuple(factor.shape)}, expected ({F}, rank)")
+            raise FileFormatError(
+                f"{wfile}: tensor 'correlation_factor' has shape {tuple(factor.shape)}, expected ({F}, rank)"
+            )
         if (diag <= 0).any():
             raise FileFormatError(f"{wfile}: tensor 'correlation_diag' must be > 0 everywhere")
         if isinstance(cfg.correlation, LowRankCorrelationConfig) and factor.shape[1] != cfg.correlation.rank:

@@ -5,6 +5,11 @@ synth-16k  SynthSAEBench-16k v2 (SAELens `experiments/create_synth_bench_16k_mod
            Reference statistics: true L0 ≈ 34.5, L0 of features 0..4095 ≈ 25.1, mean-max |cos| ≈ 0.149.
 synth-mini The same recipe at 4096 features / 256 dims, 32 roots, rank 25.
            Reference (SAELens): true L0 ≈ 15.9, L0 of features 0..1023 ≈ 12.1.
+tc-mini    Transcoder world (`saelab.synthetic.transcoder`) on synth-mini's input side: d_out 256,
+           64 fanout + 64 AND + 64 suppression outputs among 4,224 output features.
+tc-16k     The same on synth-16k's input side: d_out 768, 256 of each kind among 16,896 outputs.
+           Both: gains U[0.5, 2], fanout ratio 1.5, skip_scale 0.7, ‖b_out‖ 0.5, noise std 0.2,
+           computing outputs firing ≥ 1e-3 on a 65,536-sample pilot, u_j orthogonalised as the inputs.
 sbw-toy    The "Sparse but Wrong" toy model (Chanin et al., notebooks/main_toy_model_experiments):
            50 features in 100 dims, orthogonalised (1000 Adam steps, lr 0.01), p_i falling
            linearly 0.388 → 0.05, strong random correlations (seed 42), magnitude 1 ± 0.15, no
@@ -13,7 +18,7 @@ sbw-toy    The "Sparse but Wrong" toy model (Chanin et al., notebooks/main_toy_m
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from saelab.errors import ConfigError
 from saelab.synthetic.config import (
@@ -27,6 +32,7 @@ from saelab.synthetic.config import (
     SyntheticModelConfig,
     ZipfianFiringProbabilityConfig,
 )
+from saelab.synthetic.transcoder import TranscoderWorldConfig
 
 # Reference statistics quoted next to our own in `describe` and the benchmark.
 REFERENCE_STATS: dict[str, dict[str, float]] = {
@@ -73,7 +79,9 @@ def _sbw_toy() -> SyntheticModelConfig:
     return SyntheticModelConfig(
         num_features=num_features,
         hidden_dim=100,
-        firing_probability=LinearFiringProbabilityConfig(max_prob=0.345 * (num_features - 1) / num_features + 0.05, min_prob=0.05),
+        firing_probability=LinearFiringProbabilityConfig(
+            max_prob=0.345 * (num_features - 1) / num_features + 0.05, min_prob=0.05
+        ),
         hierarchy=None,
         orthogonalization=OrthogonalizationConfig(num_steps=1000, lr=0.01),
         correlation=RandomCorrelationConfig(
@@ -93,13 +101,62 @@ _PRESETS: dict[str, Callable[[], SyntheticModelConfig]] = {
 }
 
 
+def _transcoder_world(input_cfg: SyntheticModelConfig, d_out: int, per_kind: int) -> TranscoderWorldConfig:
+    return TranscoderWorldConfig(
+        input=input_cfg,
+        d_out=d_out,
+        num_fanout=per_kind,
+        num_and=per_kind,
+        num_suppression=per_kind,
+        gain_min=0.5,
+        gain_max=2.0,
+        fanout_gain_ratio=1.5,
+        skip_scale=0.7,
+        bias_out=0.5,
+        noise_std=0.2,
+        min_cofire_rate=1e-3,
+        pilot_samples=65_536,
+        orthogonalization=OrthogonalizationConfig(num_steps=100, lr=3e-4),
+        seed=42,
+    )
+
+
+def _tc_mini() -> TranscoderWorldConfig:
+    return _transcoder_world(_synth_mini(), d_out=256, per_kind=64)
+
+
+def _tc_16k() -> TranscoderWorldConfig:
+    return _transcoder_world(_synth_16k(), d_out=768, per_kind=256)
+
+
+# Transcoder worlds: (x, y) pairs; kept apart so `list_presets()` stays the SAE worlds.
+_TRANSCODER_PRESETS: dict[str, Callable[[], TranscoderWorldConfig]] = {
+    "tc-mini": _tc_mini,
+    "tc-16k": _tc_16k,
+}
+
+PresetConfig = SyntheticModelConfig | TranscoderWorldConfig
+
+
 def list_presets() -> list[str]:
+    """The SAE-world presets (synthetic activation models)."""
     return sorted(_PRESETS)
 
 
-def get_preset(name: str) -> SyntheticModelConfig:
-    """A fresh config for the named preset; unknown names raise ConfigError listing the valid ones."""
-    factory = _PRESETS.get(name)
+def list_transcoder_presets() -> list[str]:
+    """The transcoder-world presets."""
+    return sorted(_TRANSCODER_PRESETS)
+
+
+def list_all_presets() -> list[str]:
+    """Every preset name `get_preset`, `build_preset` and `load_source` accept."""
+    return sorted({**_PRESETS, **_TRANSCODER_PRESETS})
+
+
+def get_preset(name: str) -> PresetConfig:
+    """A fresh config for the named preset (a TranscoderWorldConfig for tc-*); unknown names raise
+    ConfigError listing the valid ones."""
+    factory = _PRESETS.get(name) or _TRANSCODER_PRESETS.get(name)
     if factory is None:
-        raise ConfigError("preset", name, f"unknown preset; valid presets are {', '.join(list_presets())}")
+        raise ConfigError("preset", name, f"unknown preset; valid presets are {', '.join(list_all_presets())}")
     return factory()

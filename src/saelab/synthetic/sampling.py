@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -122,8 +123,10 @@ class FiringPlan:
     buckets: list[_Bucket]
     expected_candidates_per_cell: float
 
-    def to(self, device: torch.device | str) -> "FiringPlan":
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+    def to(self, device: torch.device | str) -> FiringPlan:
+        moved: dict[str, Any] = {
+            k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()
+        }
         return FiringPlan(**moved)
 
 
@@ -192,7 +195,9 @@ def make_firing_plan(
     col = 0
     for li in torch.unique(best_L_F[sparse_mask]).tolist():
         feats = (sparse_mask & (best_L_F == li)).nonzero().squeeze(1)
-        buckets.append(_Bucket(level=_LEVEL_GRID[li], rate=float(rate_L[li]), col_start=col, col_end=col + feats.numel()))
+        buckets.append(
+            _Bucket(level=_LEVEL_GRID[li], rate=float(rate_L[li]), col_start=col, col_end=col + feats.numel())
+        )
         sparse_cols.append(feats)
         col += feats.numel()
     sparse_features = torch.cat(sparse_cols) if sparse_cols else torch.empty(0, dtype=torch.long)
@@ -218,7 +223,9 @@ def make_firing_plan(
         sparse_cut_S=cut_S,
         sparse_t_S=t64[sparse_features],
         sparse_s_S=s64[sparse_features],
-        sparse_rate_S=torch.tensor([b.rate for b in buckets for _ in range(b.col_end - b.col_start)], dtype=torch.float64),
+        sparse_rate_S=torch.tensor(
+            [b.rate for b in buckets for _ in range(b.col_end - b.col_start)], dtype=torch.float64
+        ),
         sparse_factor_T_RS=factor_FR[sparse_features].T.contiguous() if factor_FR is not None else None,
         dense_factor_T_RD=factor_FR[dense_features].T.contiguous() if factor_FR is not None else None,
         buckets=buckets,
@@ -292,18 +299,23 @@ def draw_firing(
     return torch.div(key, F, rounding_mode="floor"), key % F, eps_BR
 
 
-def _fire_dense_block(plan: FiringPlan, eps_cR: torch.Tensor | None, r0: int, r1: int, gen: torch.Generator) -> torch.Tensor:
+def _fire_dense_block(
+    plan: FiringPlan, eps_cR: torch.Tensor | None, r0: int, r1: int, gen: torch.Generator
+) -> torch.Tensor:
     feats = plan.dense_features
     n = r1 - r0
     z = torch.randn(n, feats.numel(), generator=gen, device=feats.device)
     z.mul_(plan.dense_s_D)
     if eps_cR is not None:
+        assert plan.dense_factor_T_RD is not None  # ε exists only when the plan has a factor
         z.addmm_(eps_cR, plan.dense_factor_T_RD)
     rows, cols = (z > plan.dense_t_D).nonzero(as_tuple=True)
     return (rows + r0) * plan.num_features + take(feats, cols)
 
 
-def _fire_sparse_block(plan: FiringPlan, eps_cR: torch.Tensor | None, r0: int, r1: int, gen: torch.Generator) -> torch.Tensor:
+def _fire_sparse_block(
+    plan: FiringPlan, eps_cR: torch.Tensor | None, r0: int, r1: int, gen: torch.Generator
+) -> torch.Tensor:
     device = plan.sparse_features.device
     n = r1 - r0
     ns = plan.sparse_features.numel()
@@ -317,6 +329,7 @@ def _fire_sparse_block(plan: FiringPlan, eps_cR: torch.Tensor | None, r0: int, r
     h_col = h_cell % ns
     h_cut = take(plan.sparse_cut_S, h_col)
     if eps_cR is not None:
+        assert plan.sparse_factor_T_RS is not None  # ε exists only when the plan has a factor
         m_flat = torch.mm(eps_cR, plan.sparse_factor_T_RS).view(-1)  # m = ε Fᵀ for every cell
         e_cell = (m_flat.view(n, ns) > plan.sparse_cut_S).view(-1).nonzero().squeeze(1)  # E: m > t − sL
         h_m32 = take(m_flat, h_cell)
@@ -419,9 +432,7 @@ def hash_uniform(index: torch.Tensor, key: int) -> torch.Tensor:
     return (_srl(z, 11).to(torch.float64) + 0.5) * (2.0**-53)
 
 
-def decode_sparse(
-    acts: SparseFeatureActs, vectors_FD: torch.Tensor, bias_D: torch.Tensor
-) -> torch.Tensor:
+def decode_sparse(acts: SparseFeatureActs, vectors_FD: torch.Tensor, bias_D: torch.Tensor) -> torch.Tensor:
     """hidden_BD = Σ_f a_bf d_f + bias via embedding_bag: no dense B×F tensor, no B×F×D product."""
     counts = torch.bincount(acts.batch_idx, minlength=acts.batch_size)
     offsets = torch.zeros(acts.batch_size, dtype=torch.long, device=counts.device)

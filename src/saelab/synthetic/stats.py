@@ -1,29 +1,19 @@
 """Statistics of synthetic models: true L0, superposition, firing rates, hierarchy shape.
 
-Sampling-based statistics draw from a separate stream (`seed`), leaving the model's own
-sampling stream where it was.
+Sampling-based statistics draw from a separate stream (`seed`, `SyntheticModel.forked_stream`),
+leaving the model's own sampling stream where it was.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Any, Iterator, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from saelab.errors import ConfigError, require
 from saelab.synthetic.model import SyntheticModel
-
-
-@contextlib.contextmanager
-def _forked_stream(model: SyntheticModel, seed: int) -> Iterator[None]:
-    saved = model.generator.get_state()
-    model.generator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        model.generator.set_state(saved)
 
 
 def _check_samples(n_samples: int, batch_size: int) -> None:
@@ -43,13 +33,15 @@ def l0_stats(
     first `w` features for each width, and the empirical firing-rate range."""
     _check_samples(n_samples, batch_size)
     for w in widths:
-        require(isinstance(w, int) and 1 <= w <= model.num_features, "width", w, f"must be in [1, {model.num_features}]")
+        require(
+            isinstance(w, int) and 1 <= w <= model.num_features, "width", w, f"must be in [1, {model.num_features}]"
+        )
     total = 0
     sum_l0 = 0.0
     sum_l0_sq = 0.0
     first = {w: 0.0 for w in widths}
     counts_F = torch.zeros(model.num_features, dtype=torch.float64, device=model.device)
-    with _forked_stream(model, seed):
+    with model.forked_stream(seed):
         while total < n_samples:
             bs = min(batch_size, n_samples - total)
             acts = model.sample_features_sparse(bs)
@@ -78,18 +70,22 @@ def true_l0(model: SyntheticModel, n_samples: int = 100_000, batch_size: int = 4
     return l0_stats(model, n_samples, (), batch_size, seed)["true_l0"]
 
 
-def l0_of_first(model: SyntheticModel, width: int, n_samples: int = 100_000, batch_size: int = 4096, seed: int = 0) -> float:
+def l0_of_first(
+    model: SyntheticModel, width: int, n_samples: int = 100_000, batch_size: int = 4096, seed: int = 0
+) -> float:
     """Mean number of active features among features 0..width-1 (the most frequent ones)."""
     return l0_stats(model, n_samples, (width,), batch_size, seed)["l0_first"][width]
 
 
 @torch.no_grad()
-def empirical_firing_rates(model: SyntheticModel, n_samples: int = 100_000, batch_size: int = 4096, seed: int = 0) -> torch.Tensor:
+def empirical_firing_rates(
+    model: SyntheticModel, n_samples: int = 100_000, batch_size: int = 4096, seed: int = 0
+) -> torch.Tensor:
     """Per-feature fraction of samples in which the feature is active (after the hierarchy)."""
     _check_samples(n_samples, batch_size)
     counts_F = torch.zeros(model.num_features, dtype=torch.float64, device=model.device)
     total = 0
-    with _forked_stream(model, seed):
+    with model.forked_stream(seed):
         while total < n_samples:
             bs = min(batch_size, n_samples - total)
             acts = model.sample_features_sparse(bs)

@@ -9,7 +9,7 @@ the sampler defaults to one thread on CPU (`SyntheticModel.sample_threads`).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

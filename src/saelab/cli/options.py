@@ -1,0 +1,139 @@
+"""CLI options generated from config dataclasses, so each option's default and help live once.
+
+A config field's `metadata` carries its help (`help`) and how the command line spells it:
+`cli_type` (the type typer parses, e.g. `str` for counts like "5M"), `parse` (turns that value into
+the field's value: "count" for 5M / 200k, "l0" for L0 lists and ranges, or a function), `flag` (the option name, when not
+`--field-name`) and `hidden`. `config_command(Cls)` wraps a function `f(config, **extra)`: the
+command takes every field of Cls as an option beside f's own parameters, builds Cls from them
+(its __post_init__ validates) and calls f with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import types
+import typing
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import typer
+
+T = TypeVar("T")
+_MISSING = dataclasses.MISSING
+
+
+def _cli_annotation(tp: Any) -> Any:
+    """What typer should parse: X | None → Optional[X]; list[X] and scalars as they are."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return typing.Optional[_cli_annotation(args[0])]  # noqa: UP045 (typer reads Optional)
+    return tp
+
+
+def _field_default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not _MISSING:
+        return f.default
+    if f.default_factory is not _MISSING:
+        return f.default_factory()
+    return ...
+
+
+def metavar(annotation: Any) -> str:
+    """A plain placeholder (INT, TEXT, ...) instead of typer's `<list[str]>`; none for flags."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        origin = typing.get_origin(annotation)
+    if origin in (list, tuple):
+        annotation = typing.get_args(annotation)[0]
+    if annotation is bool:
+        return ""
+    return {int: "INT", float: "FLOAT", str: "TEXT"}.get(annotation, "VALUE")
+
+
+def field_option(f: dataclasses.Field[Any], hints: dict[str, Any]) -> inspect.Parameter:
+    meta = f.metadata
+    default = meta.get("cli_default", _field_default(f))
+    annotation = meta.get("cli_type", _cli_annotation(hints[f.name]))
+    flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+    # A flag that is off by default needs no --no- twin.
+    names = [f"{flag}/--no-{flag[2:]}"] if annotation is bool and default is True else [flag]
+    option = typer.Option(
+        default,
+        *names,
+        help=meta.get("help"),
+        hidden=meta.get("hidden", False),
+        show_default=meta.get("show_default", True),
+        metavar=meta.get("metavar", metavar(annotation)),
+    )
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+def parse_value(f: dataclasses.Field[Any], raw: Any) -> Any:
+    """The field's value from what the command line gave: `parse` is a function or a parser's name."""
+    from saelab.cli.common import parse_count, parse_l0_values
+
+    parse = f.metadata.get("parse")
+    if parse == "count":
+        return parse_count(raw, f.name)
+    if parse == "l0":
+        return parse_l0_values(raw)
+    return parse(raw) if callable(parse) else raw
+
+
+def config_fields(cls: type, exclude: Iterable[str] = ()) -> list[dataclasses.Field[Any]]:
+    skip = set(exclude)
+    return [f for f in dataclasses.fields(cls) if f.init and f.name not in skip and not f.metadata.get("no_cli")]
+
+
+def config_command(cls: type[T], exclude: Iterable[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: the wrapped `f(config: cls, **extra)` becomes a typer command with cls's options."""
+    fields = config_fields(cls, exclude)
+    hints = typing.get_type_hints(cls)
+    field_names = {f.name for f in fields}
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        own = [p for name, p in inspect.signature(func).parameters.items() if name != "config"]
+        own_hints = typing.get_type_hints(func)
+        clash = field_names & {p.name for p in own}
+        if clash:
+            raise TypeError(f"{func.__name__} repeats config fields {sorted(clash)}")
+
+        @functools.wraps(func)
+        def command(**kwargs: Any) -> Any:
+            values = {}
+            for f in fields:
+                raw = kwargs.pop(f.name)
+                values[f.name] = parse_value(f, raw)
+            return func(cls(**values), **kwargs)
+
+        params = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=own_hints.get(p.name, p.annotation)) for p in own
+        ]
+        params += [field_option(f, hints) for f in fields]
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        del command.__wrapped__  # typer must read the new signature, not func's
+        return command
+
+    return decorate
+
+
+def hide_flag_types() -> None:
+    """typer ≥ 0.20 prints `<bool>` beside every on/off flag (even --help); a flag takes no value, so
+    show nothing there."""
+    from typer.core import TyperOption
+
+    if getattr(TyperOption, "_saelab_flags_plain", False):
+        return
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return "" if self.is_flag else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+    TyperOption._saelab_flags_plain = True  # type: ignore[attr-defined]
