@@ -15,26 +15,12 @@ from saelab.bench.leaderboard import LEADERBOARD_METRICS, STAT_SUFFIXES
 from saelab.bench.values import clean, now_utc
 from saelab.errors import ConfigError
 from saelab.io import write_text_atomic
+from saelab.metrics.names import GROUND_TRUTH, RECONSTRUCTION, RUN_IDENTITY, SUMMARY_METRICS, metric_keys
 
 RUN_COLUMNS = [
-    "run_id",
-    "protocol",
-    "arch",
-    "l0_target",
-    "seed",
+    *RUN_IDENTITY,
     "status",
-    "f1",
-    "precision",
-    "recall",
-    "accuracy",
-    "mcc",
-    "uniqueness",
-    "explained_variance",
-    "shrinkage",
-    "l0",
-    "true_l0",
-    "dead_latents",
-    "mse",
+    *metric_keys(GROUND_TRUTH, RECONSTRUCTION),
     "samples_per_second",
     "wall_seconds",
     "started_at",
@@ -140,21 +126,7 @@ def export_runs(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str],
     elif fmt == "json":
         text = _json_document("runs", [dict(r) for r in rows])
     else:
-        md_columns = [
-            "run_id",
-            "protocol",
-            "arch",
-            "l0_target",
-            "seed",
-            "f1",
-            "mcc",
-            "uniqueness",
-            "explained_variance",
-            "l0",
-            "dead_latents",
-            "wall_seconds",
-            "commit",
-        ]
+        md_columns = [*RUN_IDENTITY, *SUMMARY_METRICS, "wall_seconds", "commit"]
         text = _markdown(md_columns, [[_md_cell(r.get(c), c) for c in md_columns] for r in flat])
     _write_output(path, text)
     return Path(path)

@@ -13,22 +13,9 @@ from rich.table import Table
 from saelab.cli import app
 from saelab.cli.common import out, parse_count, parse_l0_values, print_json
 from saelab.errors import ConfigError, TrainingInterrupted
+from saelab.metrics.names import RUN_METRICS
 
-RESULT_KEYS = [
-    "arch",
-    "l0_target",
-    "seed",
-    "samples",
-    "f1",
-    "precision",
-    "recall",
-    "mcc",
-    "uniqueness",
-    "explained_variance",
-    "l0",
-    "dead_latents",
-    "wall_seconds",
-]
+RESULT_KEYS = ["arch", "l0_target", "seed", "samples", *RUN_METRICS, "wall_seconds"]
 
 
 @app.command()

@@ -8,11 +8,12 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
 from saelab.errors import ConfigError
-from saelab.metrics.names import table_columns
+from saelab.metrics.names import RUN_METRICS, table_columns
 
 console = Console(stderr=True)
 out = Console()
@@ -154,5 +155,35 @@ def results_table(title: str, rows: list[dict[str, Any]], columns: list[tuple[st
 
 
 # What a synthetic-data run prints per SAE: the ground-truth scores, then reconstruction.
-SYNTHETIC_METRICS = ("f1", "precision", "recall", "mcc", "uniqueness", "explained_variance", "l0", "dead_latents")
+SYNTHETIC_METRICS = RUN_METRICS
 METRIC_COLUMNS = [("name", "SAE", "{}"), *table_columns(SYNTHETIC_METRICS)]
+
+
+# Options shared by every command that loads saved SAEs: importing a user's class is opt-in.
+TRUST_CODE_OPTION: Any = typer.Option(
+    False,
+    "--trust-code",
+    help="Import the class a cfg.json names when it is not a registered architecture "
+    "(runs code the folder names; only for folders you trust).",
+)
+USER_ARCHS_OPTION: Any = typer.Option(
+    [],
+    "--arch",
+    metavar="MODULE:CLASS",
+    help="Your own architecture(s), module:Class or path/to/file.py:Class, imported (its code runs) "
+    "so saved SAEs naming it load.",
+)
+
+
+def estimate_printer(json_output: bool, max_minutes: float | None):
+    """Prints the wall-time estimate a comparison makes before it trains (a JSON line with --json)."""
+
+    def on_estimate(est: Any) -> None:
+        if json_output:
+            print_json(est.to_dict())
+        else:
+            console.print(f"{est.describe()}; this is an estimate")
+        if max_minutes is not None and est.seconds > max_minutes * 60:
+            console.print(f"warning: the estimate exceeds --max-minutes {max_minutes:g}: expect a partial result")
+
+    return on_estimate

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from saelab.cli import app
-from saelab.cli.common import console, out, print_json
+from saelab.cli.common import estimate_printer, out, print_json
 from saelab.errors import ConfigError, TrainingInterrupted
 
 VARIANT_HELP = (
@@ -186,13 +186,7 @@ def compare(
     check_writable_dir(out_dir, "out")
     results_store = open_store(store, no_store)
 
-    def on_estimate(est) -> None:
-        if json_output:
-            print_json(est.to_dict())
-        else:
-            console.print(f"{est.describe()}; this is an estimate")
-        if max_minutes is not None and est.seconds > max_minutes * 60:
-            console.print(f"warning: the estimate exceeds --max-minutes {max_minutes:g}: expect a partial result")
+    on_estimate = estimate_printer(json_output, max_minutes)
 
     try:
         with sigterm_as_interrupt():

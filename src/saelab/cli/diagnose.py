@@ -11,7 +11,16 @@ import typer
 from rich.markup import escape
 
 from saelab.cli import app
-from saelab.cli.common import check_seed, console, out, parse_count, print_json, results_table
+from saelab.cli.common import (
+    TRUST_CODE_OPTION,
+    USER_ARCHS_OPTION,
+    check_seed,
+    console,
+    out,
+    parse_count,
+    print_json,
+    results_table,
+)
 from saelab.devices import resolve_device
 from saelab.errors import ConfigError, FileFormatError
 from saelab.formatting import format_mean_sd
@@ -236,16 +245,8 @@ def diagnose_command(
     device: str = typer.Option("cpu"),
     out_dir: Path | None = typer.Option(None, "--out", help="Where plots go (default RUN/diagnostics)."),
     json_output: bool = typer.Option(False, "--json", help="One JSON line per SAE."),
-    arch: list[str] = typer.Option(
-        [],
-        "--arch",
-        help="Your own architecture(s), module:Class or path/to/file.py:Class, imported (its code runs) so saved SAEs naming it load.",
-    ),
-    trust_code: bool = typer.Option(
-        False,
-        "--trust-code",
-        help="Import the class a cfg.json names when it is not a registered architecture (runs code the folder names; only for folders you trust).",
-    ),
+    arch: list[str] = USER_ARCHS_OPTION,
+    trust_code: bool = TRUST_CODE_OPTION,
 ) -> None:
     """Absorption, hedging, recall-vs-frequency and L0 metrics for every SAE of a run; prints a summary, writes plots."""
     from saelab.bench.paths import check_writable_dir

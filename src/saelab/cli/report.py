@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from saelab.cli import app
-from saelab.cli.common import check_seed, console, out, parse_count, print_json
+from saelab.cli.common import TRUST_CODE_OPTION, USER_ARCHS_OPTION, check_seed, console, out, parse_count, print_json
 from saelab.errors import ConfigError
 
 
@@ -24,16 +24,8 @@ def report_command(
     seed: int = typer.Option(0, help="Seed of the re-evaluation samples and the heatmap's latent sample."),
     device: str = typer.Option("cpu"),
     json_output: bool = typer.Option(False, "--json", help="One JSON line: path, sections shown and omitted, partial."),
-    arch: list[str] = typer.Option(
-        [],
-        "--arch",
-        help="Your own architecture(s), module:Class or path/to/file.py:Class, imported (its code runs) so saved SAEs naming it load.",
-    ),
-    trust_code: bool = typer.Option(
-        False,
-        "--trust-code",
-        help="Import the class a cfg.json names when it is not a registered architecture (runs code the folder names; only for folders you trust).",
-    ),
+    arch: list[str] = USER_ARCHS_OPTION,
+    trust_code: bool = TRUST_CODE_OPTION,
 ) -> None:
     """One self-contained HTML report (plots embedded, no network) of a run or a results store."""
     from saelab.bench.paths import check_output_file

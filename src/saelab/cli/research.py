@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from saelab.cli import app
-from saelab.cli.common import console, out, print_json
+from saelab.cli.common import console, estimate_printer, out, print_json
 from saelab.errors import ConfigError, TrainingInterrupted
 
 research_app = typer.Typer(
@@ -59,18 +59,6 @@ def _settings(
         metrics=tuple(dict.fromkeys(["f1", "mcc", *metric])),
         device=resolve_device(device),
     )
-
-
-def _estimate_printer(json_output: bool, max_minutes: float | None):
-    def on_estimate(est: Any) -> None:
-        if json_output:
-            print_json(est.to_dict())
-        else:
-            console.print(f"{est.describe()}; this is an estimate")
-        if max_minutes is not None and est.seconds > max_minutes * 60:
-            console.print(f"warning: the estimate exceeds --max-minutes {max_minutes:g}: expect a partial result")
-
-    return on_estimate
 
 
 def _delta(entry: dict[str, Any], metric: str = "f1") -> str:
@@ -195,7 +183,7 @@ def try_(
                 settings,
                 note=note,
                 estimate=estimate,
-                on_estimate=_estimate_printer(json_output, max_minutes),
+                on_estimate=estimate_printer(json_output, max_minutes),
                 progress=not json_output and jobs == 1 and max_minutes is None,
             )
     except (KeyboardInterrupt, TrainingInterrupted) as err:
@@ -269,7 +257,7 @@ def rerun_cmd(
                 max_minutes=max_minutes,
                 device=resolve_device(device),
                 estimate=estimate,
-                on_estimate=_estimate_printer(json_output, max_minutes),
+                on_estimate=estimate_printer(json_output, max_minutes),
                 progress=not json_output and (jobs or 1) == 1 and max_minutes is None,
             )
     except (KeyboardInterrupt, TrainingInterrupted) as err:

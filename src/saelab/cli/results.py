@@ -11,6 +11,7 @@ from rich.markup import escape
 from saelab.cli import app
 from saelab.cli.common import console, out, print_json, results_table
 from saelab.errors import ConfigError
+from saelab.metrics.names import RUN_IDENTITY, SHORT_METRICS
 
 results_app = typer.Typer(
     invoke_without_command=True,
@@ -20,20 +21,7 @@ results_app = typer.Typer(
 app.add_typer(results_app, name="results")
 
 STORE_HELP = "Results store (default: $SAELAB_STORE, else runs/results.sqlite)."
-RUN_JSON_KEYS = [
-    "run_id",
-    "protocol",
-    "arch",
-    "l0_target",
-    "seed",
-    "status",
-    "f1",
-    "mcc",
-    "explained_variance",
-    "l0",
-    "dead_latents",
-    "wall_seconds",
-]
+RUN_JSON_KEYS = [*RUN_IDENTITY, "status", *SHORT_METRICS, "wall_seconds"]
 RUN_COLUMNS = [
     ("run_id", "run", "{}"),
     ("protocol", "protocol", "{}"),

@@ -14,6 +14,7 @@ from saelab.cli import app
 from saelab.cli.common import (
     METRIC_COLUMNS,
     SYNTHETIC_METRICS,
+    TRUST_CODE_OPTION,
     check_seed,
     out,
     parse_count,
@@ -199,11 +200,7 @@ def eval_command(
         "--arch",
         help="Your own architecture, module:Class or path/to/file.py:Class: load the SAE as this class (imports and runs that code).",
     ),
-    trust_code: bool = typer.Option(
-        False,
-        "--trust-code",
-        help="Import the class a cfg.json names when it is not a registered architecture (runs code the folder names; only for folders you trust).",
-    ),
+    trust_code: bool = TRUST_CODE_OPTION,
 ) -> None:
     """Score any saved SAE against a synthetic model's ground truth."""
     from saelab.devices import resolve_device

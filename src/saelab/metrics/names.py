@@ -261,3 +261,10 @@ def table_columns(keys: Iterable[str]) -> list[tuple[str, str, str]]:
         spec = metric(key)
         columns.append((key, spec.label, "{}" if spec.digits == 0 else f"{{:.{spec.digits}f}}"))
     return columns
+
+
+# The columns that name a stored run, and the metric sets tables and JSON lines show, in one place.
+RUN_IDENTITY = ("run_id", "protocol", "arch", "l0_target", "seed")
+RUN_METRICS = ("f1", "precision", "recall", "mcc", "uniqueness", "explained_variance", "l0", "dead_latents")
+SUMMARY_METRICS = ("f1", "mcc", "uniqueness", "explained_variance", "l0", "dead_latents")
+SHORT_METRICS = ("f1", "mcc", "explained_variance", "l0", "dead_latents")
