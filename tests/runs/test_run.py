@@ -19,17 +19,26 @@ from safetensors.torch import load_file
 import saelab.io as sio
 from saelab.cli import main
 from saelab.errors import ConfigError, FileFormatError, OutputError, TrainingDivergedError, TrainingInterrupted
-from saelab.training import checkpoint as ckpt_io
-from saelab.runs import run as run_module
 from saelab.runs import RunConfig, run_training
+from saelab.runs import run as run_module
+from saelab.training import checkpoint as ckpt_io
 from saelab.training.trainer import TrainConfig, Trainer
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def config(model_dir, **overrides):
-    base = dict(data=str(model_dir), arch=["batchtopk"], l0=[3], width=32, samples=256 * 24, batch_size=256,
-                lr=3e-3, eval_samples=2000, checkpoint_minutes=0)
+    base = dict(
+        data=str(model_dir),
+        arch=["batchtopk"],
+        l0=[3],
+        width=32,
+        samples=256 * 24,
+        batch_size=256,
+        lr=3e-3,
+        eval_samples=2000,
+        checkpoint_minutes=0,
+    )
     return RunConfig(**{**base, **overrides})
 
 
@@ -75,8 +84,9 @@ def test_bad_values_name_their_field(tiny_synthetic_model_dir):
     with pytest.raises(ConfigError, match="^seed="):
         TrainConfig(seed=2**64)
     with pytest.raises(ConfigError, match="^eval_every=-2"):
-        Trainer({"a": _tiny_sae()}, _tiny_source(), TrainConfig(samples=64, batch_size=64), eval_every=-2,
-                progress=False)
+        Trainer(
+            {"a": _tiny_sae()}, _tiny_source(), TrainConfig(samples=64, batch_size=64), eval_every=-2, progress=False
+        )
     config(tiny_synthetic_model_dir, seed=2**32 - 1, samples=256, batch_size=256)  # the edges are fine
 
 
@@ -93,11 +103,26 @@ def _tiny_source():
 
 
 def test_cli_width_zero_names_width(tiny_synthetic_model_dir, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "train", "--data", str(tiny_synthetic_model_dir), "--width", "0",
-                           "--out", str(tmp_path / "r"))
+    code, _, err = run_cli(
+        capsys, "train", "--data", str(tiny_synthetic_model_dir), "--width", "0", "--out", str(tmp_path / "r")
+    )
     assert code == 2 and "width=0" in err and "l0=" not in err
-    code, _, err = run_cli(capsys, "train", "--data", str(tiny_synthetic_model_dir), "--width", "32", "--l0", "3",
-                           "--samples", "100", "--batch-size", "256", "--out", str(tmp_path / "r"))
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "--data",
+        str(tiny_synthetic_model_dir),
+        "--width",
+        "32",
+        "--l0",
+        "3",
+        "--samples",
+        "100",
+        "--batch-size",
+        "256",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert code == 2 and "samples=100" in err
 
 
@@ -141,14 +166,19 @@ def test_interrupted_run_resumes_exactly_with_its_whole_history(tiny_synthetic_m
     before = ckpt_io.read(run_dir / "checkpoint")["elapsed_seconds"]
 
     # a change that alters the run is refused, naming the field, before anything is loaded or trained
-    for field, value in [("data", str(tmp_path / "other-model-same-width")), ("dead_feature_window", 50),
-                         ("lr", 1e-3), ("arch_options", {"batchtopk": {"aux_loss_coefficient": 0.5}}),
-                         ("samples", 256 * 30)]:
+    for field, value in [
+        ("data", str(tmp_path / "other-model-same-width")),
+        ("dead_feature_window", 50),
+        ("lr", 1e-3),
+        ("arch_options", {"batchtopk": {"aux_loss_coefficient": 0.5}}),
+        ("samples", 256 * 30),
+    ]:
         with pytest.raises(ConfigError, match=f"^{field}=.*differs from the checkpoint"):
             run_training(config(tiny_synthetic_model_dir, **{field: value}), run_dir, resume=True, progress=False)
     # evaluation and checkpoint settings cannot change the weights: allowed
-    resumed = run_training(config(tiny_synthetic_model_dir, eval_samples=1000, checkpoint_every=7), run_dir,
-                           resume=True, progress=False)
+    resumed = run_training(
+        config(tiny_synthetic_model_dir, eval_samples=1000, checkpoint_every=7), run_dir, resume=True, progress=False
+    )
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "complete" and resumed.results
     assert [h["step"] for h in record["history"]] == [h["step"] for h in straight_record["history"]]
@@ -166,8 +196,19 @@ def test_resume_needs_a_checkpoint_and_refuses_an_old_pickle(tiny_synthetic_mode
     (run_dir / "checkpoint.pt").write_bytes(pickle.dumps(_Payload(str(marker))))  # unpickling creates `marker`
     with pytest.raises(FileFormatError, match="old checkpoint format.*could run code"):
         run_training(config(tiny_synthetic_model_dir), run_dir, resume=True, progress=False)
-    code, _, err = run_cli(capsys, "train", "--data", str(tiny_synthetic_model_dir), "--width", "32", "--l0", "3",
-                           "--out", str(run_dir), "--resume")
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "--data",
+        str(tiny_synthetic_model_dir),
+        "--width",
+        "32",
+        "--l0",
+        "3",
+        "--out",
+        str(run_dir),
+        "--resume",
+    )
     assert code == 2 and "old checkpoint format" in err and len(err.strip().splitlines()) == 1
     assert not marker.exists()
 
@@ -207,8 +248,9 @@ def test_read_only_output_folder_for_real(tiny_synthetic_model_dir, tmp_path):
         locked.chmod(0o755)
 
 
-def test_a_full_disk_is_one_line_and_the_saes_come_before_any_checkpoint(tiny_synthetic_model_dir, tmp_path,
-                                                                        monkeypatch, capsys):
+def test_a_full_disk_is_one_line_and_the_saes_come_before_any_checkpoint(
+    tiny_synthetic_model_dir, tmp_path, monkeypatch, capsys
+):
     writes = []
     original_write = ckpt_io.write
     monkeypatch.setattr(ckpt_io, "write", lambda *a, **k: (writes.append(a[0]), original_write(*a, **k)))
@@ -224,13 +266,33 @@ def test_a_full_disk_is_one_line_and_the_saes_come_before_any_checkpoint(tiny_sy
 
     monkeypatch.setattr(sio.os, "replace", full)
     run_dir = tmp_path / "full"
-    code, _, err = run_cli(capsys, "train", "--data", str(tiny_synthetic_model_dir), "--arch", "batchtopk", "--l0", "3",
-                           "--width", "32", "--samples", "6144", "--batch-size", "256", "--eval-samples", "2k",
-                           "--out", str(run_dir), "--json")
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "--data",
+        str(tiny_synthetic_model_dir),
+        "--arch",
+        "batchtopk",
+        "--l0",
+        "3",
+        "--width",
+        "32",
+        "--samples",
+        "6144",
+        "--batch-size",
+        "256",
+        "--eval-samples",
+        "2k",
+        "--out",
+        str(run_dir),
+        "--json",
+    )
     assert code == 2
-    assert err.strip().splitlines() == [f"error: disk full while writing "
-                                        f"{run_dir / 'saes' / 'batchtopk-l0_3' / 'sae_weights.safetensors'} "
-                                        "(No space left on device)"]
+    assert err.strip().splitlines() == [
+        f"error: disk full while writing "
+        f"{run_dir / 'saes' / 'batchtopk-l0_3' / 'sae_weights.safetensors'} "
+        "(No space left on device)"
+    ]
     assert temp_files(run_dir) == []
 
 
@@ -253,9 +315,13 @@ print(json.dumps(out))
 
 def test_real_full_and_read_only_filesystems(tiny_synthetic_model_dir, tmp_path):
     """A 256 KiB tmpfs (the SAE's 800 KB cannot fit) and a read-only one, in a private mount namespace."""
-    if shutil.which("unshare") is None or subprocess.run(
-            ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {tmp_path}"],
-            capture_output=True).returncode != 0:
+    if (
+        shutil.which("unshare") is None
+        or subprocess.run(
+            ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {tmp_path}"], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("no user+mount namespaces here (unshare -rm / mount tmpfs unavailable)")
     full, ro = tmp_path / "full", tmp_path / "ro"
     full.mkdir()
@@ -264,9 +330,20 @@ def test_real_full_and_read_only_filesystems(tiny_synthetic_model_dir, tmp_path)
     script.write_text(UNSHARE_SCRIPT)
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=256k tmpfs {full} && "
-         f"mount -t tmpfs -o ro,size=64k tmpfs {ro} && exec {sys.executable} {script} {full} {ro} "
-         f"{tiny_synthetic_model_dir}"], capture_output=True, text=True, env=env, timeout=120)
+        [
+            "unshare",
+            "-rm",
+            "sh",
+            "-c",
+            f"mount -t tmpfs -o size=256k tmpfs {full} && "
+            f"mount -t tmpfs -o ro,size=64k tmpfs {ro} && exec {sys.executable} {script} {full} {ro} "
+            f"{tiny_synthetic_model_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["full"].startswith(f"disk full while writing {full}/run/saes/"), out
@@ -279,10 +356,13 @@ def test_stale_temp_files_are_removed_when_a_run_starts(tiny_synthetic_model_dir
     (run_dir / "checkpoint").mkdir(parents=True)
     (run_dir / "saes" / "x").mkdir(parents=True)
     old = time.time() - 3600
-    stale = [run_dir / ".run.json.abcd1234.tmp", run_dir / "checkpoint" / ".checkpoint.json.k_9zz0aa.tmp",
-             run_dir / "checkpoint" / ".tensors-0123456789abcdef.safetensors.a1b2c3d4.tmp",
-             run_dir / "saes" / "x" / ".sae_weights.safetensors.qwertyui.tmp",
-             run_dir / "checkpoint" / "tensors-0123456789abcdef.safetensors"]  # named by no checkpoint.json
+    stale = [
+        run_dir / ".run.json.abcd1234.tmp",
+        run_dir / "checkpoint" / ".checkpoint.json.k_9zz0aa.tmp",
+        run_dir / "checkpoint" / ".tensors-0123456789abcdef.safetensors.a1b2c3d4.tmp",
+        run_dir / "saes" / "x" / ".sae_weights.safetensors.qwertyui.tmp",
+        run_dir / "checkpoint" / "tensors-0123456789abcdef.safetensors",
+    ]  # named by no checkpoint.json
     kept = [run_dir / "notes.tmp", run_dir / ".hidden", run_dir / "saes" / "x" / "mine.txt"]
     for p in stale + kept:
         p.write_bytes(b"x")
@@ -304,18 +384,46 @@ def test_stale_temp_files_are_removed_when_a_run_starts(tiny_synthetic_model_dir
 
 # ----- subprocesses: kill -9, SIGINT, SIGTERM ---------------------------------------------------------
 STEPS = 300  # long enough to still be training when the first checkpoint (step 5) appears, short enough to finish fast
+
+
 def cli_args(model_dir, run_dir, samples):
-    return ["train", "--data", str(model_dir), "--arch", "batchtopk", "--l0", "3", "--width", "32",
-            "--samples", str(samples), "--batch-size", "64", "--lr", "3e-3", "--eval-samples", "2k",
-            "--checkpoint-every", "5", "--out", str(run_dir), "--json"]
+    return [
+        "train",
+        "--data",
+        str(model_dir),
+        "--arch",
+        "batchtopk",
+        "--l0",
+        "3",
+        "--width",
+        "32",
+        "--samples",
+        str(samples),
+        "--batch-size",
+        "64",
+        "--lr",
+        "3e-3",
+        "--eval-samples",
+        "2k",
+        "--checkpoint-every",
+        "5",
+        "--out",
+        str(run_dir),
+        "--json",
+    ]
 
 
 ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def start(model_dir, run_dir, samples):
-    proc = subprocess.Popen([sys.executable, "-m", "saelab", *cli_args(model_dir, run_dir, samples)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saelab", *cli_args(model_dir, run_dir, samples)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
     while not (run_dir / "checkpoint" / "checkpoint.json").exists():
         if proc.poll() is not None or time.time() > deadline:
@@ -333,8 +441,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tiny_synthetic_model_dir, tmp_path, capsys,
-                                                                 one_thread):
+def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tiny_synthetic_model_dir, tmp_path, capsys, one_thread):
     samples = 64 * STEPS
     run_dir = tmp_path / "killed"
     proc = start(tiny_synthetic_model_dir, run_dir, samples)
@@ -344,8 +451,13 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tiny_synthetic_m
     assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
     assert not (run_dir / "saes").exists()
     # resumed by a new process, as a user would: temp files the kill left are older than it, so they go
-    resume = subprocess.run([sys.executable, "-m", "saelab", *cli_args(tiny_synthetic_model_dir, run_dir, samples),
-                             "--resume"], env=ENV, capture_output=True, text=True, timeout=120)
+    resume = subprocess.run(
+        [sys.executable, "-m", "saelab", *cli_args(tiny_synthetic_model_dir, run_dir, samples), "--resume"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert resume.returncode == 0, resume.stderr[-2000:]
     code, _, err = run_cli(capsys, *cli_args(tiny_synthetic_model_dir, tmp_path / "straight", samples))
     assert code == 0, err
@@ -363,7 +475,9 @@ def test_a_signal_stops_train_with_a_checkpoint_and_one_line(tiny_synthetic_mode
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err[-2000:]
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"error: training interrupted by {signal.Signals(sig).name} at step ")
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: training interrupted by {signal.Signals(sig).name} at step "
+    )
     assert "--resume --out" in lines[0]
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "interrupted" and "--resume" in record["hint"]

@@ -91,7 +91,8 @@ def test_ensure_writable_folder_creates_and_leaves_nothing(tmp_path):
 
 
 def test_only_old_atomic_write_temp_files_are_removed(tmp_path):
-    old = time.time() - 600
+    # Older than this process (a killed writer's), however long the test session has run so far.
+    old = sio.process_start_time() - 600
     stale = tmp_path / ".run.json.a1b2c3d4.tmp"
     others = [
         tmp_path / "run.json.a1b2c3d4.tmp",

@@ -25,30 +25,47 @@ def _opt(help: str, **cli: Any) -> dict[str, Any]:
 class RunConfig(DataSpec):
     """A run: each (arch, l0) pair is one SAE, all trained on the one shared stream."""
 
-    arch: list[str] = field(default_factory=lambda: ["batchtopk"], metadata=_opt(
-        "Architecture(s), trained together on one stream: a registered name, module:Class or path/file.py:Class."))
-    l0: list[float] = field(default_factory=lambda: [12.0], metadata=_opt(
-        "Target L0(s), e.g. --l0 10 12 14 or --l0 5..25.", cli_type=list[str], cli_default=["12"], parse="l0"))
+    arch: list[str] = field(
+        default_factory=lambda: ["batchtopk"],
+        metadata=_opt(
+            "Architecture(s), trained together on one stream: a registered name, module:Class or path/file.py:Class."
+        ),
+    )
+    l0: list[float] = field(
+        default_factory=lambda: [12.0],
+        metadata=_opt(
+            "Target L0(s), e.g. --l0 10 12 14 or --l0 5..25.", cli_type=list[str], cli_default=["12"], parse="l0"
+        ),
+    )
     width: int = field(default=1024, metadata=_opt("SAE width (number of latents)."))
-    samples: int = field(default=5_000_000, metadata=_opt(
-        "Training samples, e.g. 5M or 200k.", cli_type=str, cli_default="5M", parse="count"))
+    samples: int = field(
+        default=5_000_000,
+        metadata=_opt("Training samples, e.g. 5M or 200k.", cli_type=str, cli_default="5M", parse="count"),
+    )
     batch_size: int = field(default=1024, metadata=_opt("Samples per training step."))
     lr: float = field(default=3e-4, metadata=_opt("Adam learning rate (the mini protocol uses 2e-3)."))
     lr_schedule: str = field(default="constant", metadata=_opt("constant or cosine."))
     lr_warmup_steps: int = field(default=0, metadata=_opt("Linear learning-rate warm-up steps."))
-    lr_decay_fraction: float = field(default=0.0, metadata=_opt(
-        "Linear decay to 0 over this final fraction of training (the mini protocol uses 1/3)."))
+    lr_decay_fraction: float = field(
+        default=0.0,
+        metadata=_opt("Linear decay to 0 over this final fraction of training (the mini protocol uses 1/3)."),
+    )
     seed: int = field(default=0, metadata=_opt("Seed of the SAE initialisation and the data stream."))
-    eval_samples: int = field(default=100_000, metadata=_opt(
-        "Samples for the final evaluation.", cli_type=str, cli_default="100k", parse="count"))
+    eval_samples: int = field(
+        default=100_000,
+        metadata=_opt("Samples for the final evaluation.", cli_type=str, cli_default="100k", parse="count"),
+    )
     eval_every: int = field(default=0, metadata=_opt("Steps between evaluations during training (0 = off)."))
     device: str = field(default="cpu", metadata=_opt("cpu, cuda or cuda:N."))
     autocast_bf16: bool = field(default=False, metadata=_opt("bf16 autocast for the SAE forward pass.", flag="--bf16"))
     checkpoint_every: int = field(default=0, metadata=_opt("Steps between checkpoints (0 = none by step count)."))
-    checkpoint_minutes: float = field(default=10.0, metadata=_opt(
-        "Minutes of wall time between checkpoints (0 = none by time)."))
-    dead_feature_window: int = field(default=1000, metadata=_opt(
-        "Steps without firing before a latent counts as dead (AuxK; the mini protocol uses 100)."))
+    checkpoint_minutes: float = field(
+        default=10.0, metadata=_opt("Minutes of wall time between checkpoints (0 = none by time).")
+    )
+    dead_feature_window: int = field(
+        default=1000,
+        metadata=_opt("Steps without firing before a latent counts as dead (AuxK; the mini protocol uses 100)."),
+    )
     # On the command line: --option NAME=VALUE (every arch) or ARCH.NAME=VALUE, checked against the arch's config.
     arch_options: dict[str, Any] = field(default_factory=dict, metadata={"no_cli": True})
 
@@ -59,26 +76,57 @@ class RunConfig(DataSpec):
         require(len(self.arch) > 0, "arch", self.arch, "name at least one architecture")
         require(len(self.l0) > 0, "l0", self.l0, "give at least one target L0")
         # width first: the L0 check below compares against it
-        require(isinstance(self.width, int) and not isinstance(self.width, bool) and self.width > 0, "width",
-                self.width, "must be a positive integer")
+        require(
+            isinstance(self.width, int) and not isinstance(self.width, bool) and self.width > 0,
+            "width",
+            self.width,
+            "must be a positive integer",
+        )
         for v in self.l0:
             require(v > 0, "l0", v, "target L0 values must be positive")
             require(v <= self.width, "l0", v, f"must not exceed the width {self.width}")
-        require(isinstance(self.batch_size, int) and self.batch_size > 0, "batch_size", self.batch_size,
-                "must be a positive integer")
-        require(isinstance(self.samples, int) and self.samples > 0, "samples", self.samples, "must be a positive integer")
-        require(self.samples >= self.batch_size, "samples", self.samples,
-                f"must be at least one batch (batch_size={self.batch_size})")
-        require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= SEED_MAX,
-                "seed", self.seed, f"must be an integer from 0 to {SEED_MAX}")
+        require(
+            isinstance(self.batch_size, int) and self.batch_size > 0,
+            "batch_size",
+            self.batch_size,
+            "must be a positive integer",
+        )
+        require(
+            isinstance(self.samples, int) and self.samples > 0, "samples", self.samples, "must be a positive integer"
+        )
+        require(
+            self.samples >= self.batch_size,
+            "samples",
+            self.samples,
+            f"must be at least one batch (batch_size={self.batch_size})",
+        )
+        require(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= SEED_MAX,
+            "seed",
+            self.seed,
+            f"must be an integer from 0 to {SEED_MAX}",
+        )
         require(self.eval_samples > 0, "eval_samples", self.eval_samples, "must be positive")
-        require(isinstance(self.eval_every, int) and self.eval_every >= 0, "eval_every", self.eval_every,
-                "must be an integer ≥ 0 (0 = no evaluations during training)")
-        require(isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0, "checkpoint_every",
-                self.checkpoint_every, "must be an integer ≥ 0 (0 = none by step count)")
-        require(isinstance(self.checkpoint_minutes, (int, float)) and math.isfinite(self.checkpoint_minutes)
-                and self.checkpoint_minutes >= 0, "checkpoint_minutes", self.checkpoint_minutes,
-                "must be a number ≥ 0 (0 = none by time)")
+        require(
+            isinstance(self.eval_every, int) and self.eval_every >= 0,
+            "eval_every",
+            self.eval_every,
+            "must be an integer ≥ 0 (0 = no evaluations during training)",
+        )
+        require(
+            isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0,
+            "checkpoint_every",
+            self.checkpoint_every,
+            "must be an integer ≥ 0 (0 = none by step count)",
+        )
+        require(
+            isinstance(self.checkpoint_minutes, (int, float))
+            and math.isfinite(self.checkpoint_minutes)
+            and self.checkpoint_minutes >= 0,
+            "checkpoint_minutes",
+            self.checkpoint_minutes,
+            "must be a number ≥ 0 (0 = none by time)",
+        )
         for name in self.arch:
             get_sae_class(name)  # unknown names fail here, listing the known ones
 

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from saelab.errors import ConfigError, FileFormatError, TrainingDivergedError, TrainingInterrupted, require
-from saelab.io import write_json_atomic
-from saelab.provenance import envelope
 from saelab import parallel
 from saelab.data import ActivationSource, OpenedData, SyntheticSource, open_data
 from saelab.data.open import SYNTHETIC_STREAM_RANK_STRIDE
+from saelab.errors import ConfigError, FileFormatError, TrainingDivergedError, TrainingInterrupted
+from saelab.io import write_json_atomic
+from saelab.provenance import envelope
 from saelab.runs.config import RunConfig
 from saelab.runs.evaluate import make_evaluator
 from saelab.saes.base import SAE
@@ -65,19 +65,29 @@ CHECKPOINT_DIR = "checkpoint"
 def check_resume_config(saved: dict[str, Any] | None, cfg: RunConfig, where: Path) -> None:
     """ConfigError naming the first field that differs from the checkpoint's run (RESUME_MAY_CHANGE aside)."""
     if not isinstance(saved, dict):
-        raise FileFormatError(f"checkpoint {where} does not record its run's config; it was not written by "
-                              "`saelab train`, so a run cannot resume from it")
+        raise FileFormatError(
+            f"checkpoint {where} does not record its run's config; it was not written by "
+            "`saelab train`, so a run cannot resume from it"
+        )
     mine = _plain(dataclasses.asdict(cfg))
     old = _plain(saved)
     for key in sorted(set(mine) | set(old)):
         if key in RESUME_MAY_CHANGE:
             continue
         if key not in old:
-            raise ConfigError(key, mine[key], "is not in the checkpoint's config (written by another saelab "
-                              "version); --resume continues the same run: start a new run instead")
+            raise ConfigError(
+                key,
+                mine[key],
+                "is not in the checkpoint's config (written by another saelab "
+                "version); --resume continues the same run: start a new run instead",
+            )
         if mine.get(key) != old[key]:
-            raise ConfigError(key, mine.get(key), f"differs from the checkpoint's {old[key]!r}: --resume continues "
-                              "the same run; use the same value, or start a new run in another --out folder")
+            raise ConfigError(
+                key,
+                mine.get(key),
+                f"differs from the checkpoint's {old[key]!r}: --resume continues "
+                "the same run; use the same value, or start a new run in another --out folder",
+            )
 
 
 def _plain(obj: Any) -> Any:
@@ -104,15 +114,22 @@ def _open_run_data(cfg: RunConfig, model: Any, source: ActivationSource | None) 
     """The run's data; `model` (a ground-truth model already loaded) or `source` (a ready stream,
     e.g. in tests) stand in for opening `cfg`'s data."""
     if source is not None:
-        return OpenedData(spec=cfg.data_spec(), d_in=source.d_in, source=source, identity={"source": type(source).__name__},
-                          ground_truth=model)
+        return OpenedData(
+            spec=cfg.data_spec(),
+            d_in=source.d_in,
+            source=source,
+            identity={"source": type(source).__name__},
+            ground_truth=model,
+        )
     if model is not None:
         # Under torchrun every rank samples its own stream (rank 0's is the single-process one).
         stream = SyntheticSource(model, seed=cfg.seed + SYNTHETIC_STREAM_RANK_STRIDE * parallel.rank())
-        return OpenedData(spec=cfg.data_spec(), d_in=stream.d_in, source=stream, identity={"data": cfg.data},
-                          ground_truth=model)
-    return open_data(cfg.data_spec(), device=cfg.device, seed=cfg.seed, eval_rows=cfg.eval_samples,
-                     batch_size=cfg.batch_size)
+        return OpenedData(
+            spec=cfg.data_spec(), d_in=stream.d_in, source=stream, identity={"data": cfg.data}, ground_truth=model
+        )
+    return open_data(
+        cfg.data_spec(), device=cfg.device, seed=cfg.seed, eval_rows=cfg.eval_samples, batch_size=cfg.batch_size
+    )
 
 
 def run_training(
@@ -135,8 +152,9 @@ def run_training(
             legacy = run_dir / ckpt_io.LEGACY_NAME
             if legacy.exists():
                 raise FileFormatError(ckpt_io.legacy_message(legacy))
-            raise ConfigError("resume", str(run_dir), f"has no checkpoint ({CHECKPOINT_DIR}/{ckpt_io.JSON_NAME}) "
-                              "to resume from")
+            raise ConfigError(
+                "resume", str(run_dir), f"has no checkpoint ({CHECKPOINT_DIR}/{ckpt_io.JSON_NAME}) to resume from"
+            )
         check_resume_config(ckpt_io.decode(ckpt_io.read_header(ckpt).get("run_config"), {}, str(ckpt)), cfg, ckpt)
     started = time.perf_counter()
     user_config = dataclasses.asdict(cfg)  # before the device is resolved: the checkpoint compares this
@@ -167,16 +185,31 @@ def run_training(
 
         eval_fn = evaluate
 
-    trainer = Trainer(saes, opened.source, cfg.train_config(), checkpoint_path=ckpt, eval_fn=eval_fn,
-                      eval_every=cfg.eval_every, progress=progress, run_config=user_config)
+    trainer = Trainer(
+        saes,
+        opened.source,
+        cfg.train_config(),
+        checkpoint_path=ckpt,
+        eval_fn=eval_fn,
+        eval_every=cfg.eval_every,
+        progress=progress,
+        run_config=user_config,
+    )
 
     def stopped(status: str, err: Exception, **extra: Any) -> None:
         if main_rank:
-            write_json_atomic(run_dir / "run.json", {
-                **envelope(config_dict, cfg.device), "status": status, "error": str(err), **extra,
-                "steps": trainer.step, "wall_seconds": trainer.elapsed_before + (time.perf_counter() - started),
-                "history": trainer.history,
-            })
+            write_json_atomic(
+                run_dir / "run.json",
+                {
+                    **envelope(config_dict, cfg.device),
+                    "status": status,
+                    "error": str(err),
+                    **extra,
+                    "steps": trainer.step,
+                    "wall_seconds": trainer.elapsed_before + (time.perf_counter() - started),
+                    "history": trainer.history,
+                },
+            )
 
     try:
         if resume:
@@ -193,8 +226,12 @@ def run_training(
     finally:
         opened.close()  # the LM prefetch thread
     if not main_rank:
-        return RunResult(run_dir=run_dir, results=[], wall_seconds=time.perf_counter() - started,
-                         samples_per_second=train_result.samples_per_second)
+        return RunResult(
+            run_dir=run_dir,
+            results=[],
+            wall_seconds=time.perf_counter() - started,
+            samples_per_second=train_result.samples_per_second,
+        )
 
     final = make_evaluator(opened, cfg.eval_samples, seed=cfg.seed + 12345)
     data_identity = cfg.data if opened.ground_truth is not None else opened.identity
@@ -205,21 +242,26 @@ def run_training(
         record.update(final(sae.to_inference()))
         record["train_stats"] = train_result.final_stats[name]
         record["samples_per_second"] = train_result.samples_per_second
-        save_sae(sae, run_dir / "saes" / name, metadata={"l0_target": l0, "data": data_identity,
-                                                          "l0": record.get("l0")})
+        save_sae(
+            sae, run_dir / "saes" / name, metadata={"l0_target": l0, "data": data_identity, "l0": record.get("l0")}
+        )
         results.append(record)
         if on_result:
             on_result(record)
 
     wall = trainer.elapsed_before + (time.perf_counter() - started)  # every session of the run
-    write_json_atomic(run_dir / "run.json", {
-        **envelope(config_dict, cfg.device),
-        "status": "complete",
-        "wall_seconds": wall,
-        "train_samples_per_second": train_result.samples_per_second,
-        "results": results,
-        "history": trainer.history,
-    })
+    write_json_atomic(
+        run_dir / "run.json",
+        {
+            **envelope(config_dict, cfg.device),
+            "status": "complete",
+            "wall_seconds": wall,
+            "train_samples_per_second": train_result.samples_per_second,
+            "results": results,
+            "history": trainer.history,
+        },
+    )
     ckpt_io.remove(ckpt)  # the run is complete; the saved SAEs are the result
-    return RunResult(run_dir=run_dir, results=results, wall_seconds=wall,
-                     samples_per_second=train_result.samples_per_second)
+    return RunResult(
+        run_dir=run_dir, results=results, wall_seconds=wall, samples_per_second=train_result.samples_per_second
+    )
