@@ -87,13 +87,17 @@ def lines(text):
 
 
 def test_compare_json_store_and_paired_deltas(tiny, tmp_path, capsys):
+    """A built-in, an option override and a class from the user's own file, compared in one call."""
     store = tmp_path / "results.sqlite"
+    user_file = tmp_path / "mine.py"
+    user_file.write_text("from saelab.saes.topk import TopKSAE\n\n\nclass Mine(TopKSAE):\n    pass\n")
     code, out, err = run_cli(
         capsys,
         "compare",
         "batchtopk",
         "topk",
         "batchtopk:topk_threshold_lr=0.05",
+        f"{user_file}:Mine",
         "--protocol",
         "tiny",
         "--tier",
@@ -110,10 +114,11 @@ def test_compare_json_store_and_paired_deltas(tiny, tmp_path, capsys):
     )
     assert code == 0, err
     got = lines(out)
-    assert [g["kind"] for g in got] == ["estimate", "comparison", "comparison"]
+    assert [g["kind"] for g in got] == ["estimate", "comparison", "comparison", "comparison"]
     est = got[0]
     assert est["seconds"] > 0 and est["steps"] == 4096 // 256 and est["rounds"] == 2 and "timed" in est["basis"]
-    topk, override = got[1:]
+    topk, override, mine = got[1:]
+    assert mine["variant"] == f"{user_file}:Mine" and mine["n_seeds"] == 2
     assert (topk["variant"], override["variant"]) == ("topk", "batchtopk:topk_threshold_lr=0.05")
     assert override["arch"] == "batchtopk[topk_threshold_lr=0.05]" and override["overrides"] == {
         "topk_threshold_lr": 0.05
@@ -142,7 +147,8 @@ def test_compare_json_store_and_paired_deltas(tiny, tmp_path, capsys):
     from saelab.bench.store import ResultsStore
 
     runs = ResultsStore(store, create=False).runs(protocol="tiny", status="complete")
-    assert len(runs) == 6 and {r["arch"] for r in runs} == {"batchtopk", "topk", "batchtopk[topk_threshold_lr=0.05]"}
+    assert len(runs) == 8
+    assert {"batchtopk", "topk", "batchtopk[topk_threshold_lr=0.05]"} < {r["arch"] for r in runs}
     f1 = {(r["arch"], r["seed"]): r["f1"] for r in runs}
     expected = statistics.fmean(f1[(override["arch"], s)] - f1[("batchtopk", s)] for s in (0, 1))
     assert override["delta_f1"] == pytest.approx(expected)
