@@ -175,7 +175,8 @@ def test_workers_die_with_the_bench(bench_factory, sig):
 @pytest.mark.parametrize("jobs, seeds", [(2, 3), (1, 2)], ids=["workers", "in-process"])
 def test_ctrl_c_stops_the_workers_and_lists_what_finished(bench_factory, jobs, seeds):
     # in-process, the trainer catches the signal itself (checkpoint, TrainingInterrupted): the same report follows
-    bench = bench_factory("--l0", "2", "3", "--seeds", str(seeds), "--jobs", str(jobs), "--samples", "20k")
+    # Long enough that the last seed is still training when the signal lands, even on an idle machine.
+    bench = bench_factory("--l0", "2", "3", "--seeds", str(seeds), "--jobs", str(jobs), "--samples", "300k")
 
     def some_finished_some_running():
         bench.seen.update(descendants(bench.proc.pid))

@@ -381,6 +381,8 @@ class Trainer:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
+                if signal.getsignal(sig) is signal.SIG_IGN:
+                    continue  # told to ignore it (a bench worker: its parent handles Ctrl-C and stops it)
                 previous[sig] = signal.signal(sig, on_signal)
             except (ValueError, OSError):
                 pass
