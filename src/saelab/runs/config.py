@@ -6,14 +6,13 @@ field's default and help are stated here once. The data fields come from `DataSp
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from saelab.data.spec import DataSpec
 from saelab.errors import require
 from saelab.saes.registry import get_sae_class
-from saelab.training.trainer import SEED_MAX, TrainConfig
+from saelab.training.trainer import TrainConfig
 
 
 def _opt(help: str, **cli: Any) -> dict[str, Any]:
@@ -85,27 +84,6 @@ class RunConfig(DataSpec):
         for v in self.l0:
             require(v > 0, "l0", v, "target L0 values must be positive")
             require(v <= self.width, "l0", v, f"must not exceed the width {self.width}")
-        require(
-            isinstance(self.batch_size, int) and self.batch_size > 0,
-            "batch_size",
-            self.batch_size,
-            "must be a positive integer",
-        )
-        require(
-            isinstance(self.samples, int) and self.samples > 0, "samples", self.samples, "must be a positive integer"
-        )
-        require(
-            self.samples >= self.batch_size,
-            "samples",
-            self.samples,
-            f"must be at least one batch (batch_size={self.batch_size})",
-        )
-        require(
-            isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= SEED_MAX,
-            "seed",
-            self.seed,
-            f"must be an integer from 0 to {SEED_MAX}",
-        )
         require(self.eval_samples > 0, "eval_samples", self.eval_samples, "must be positive")
         require(
             isinstance(self.eval_every, int) and self.eval_every >= 0,
@@ -113,20 +91,7 @@ class RunConfig(DataSpec):
             self.eval_every,
             "must be an integer ≥ 0 (0 = no evaluations during training)",
         )
-        require(
-            isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0,
-            "checkpoint_every",
-            self.checkpoint_every,
-            "must be an integer ≥ 0 (0 = none by step count)",
-        )
-        require(
-            isinstance(self.checkpoint_minutes, (int, float))
-            and math.isfinite(self.checkpoint_minutes)
-            and self.checkpoint_minutes >= 0,
-            "checkpoint_minutes",
-            self.checkpoint_minutes,
-            "must be a number ≥ 0 (0 = none by time)",
-        )
+        self.train_config()  # the optimisation fields (samples, batch, seed, lr, checkpoints) validate there
         for name in self.arch:
             get_sae_class(name)  # unknown names fail here, listing the known ones
 

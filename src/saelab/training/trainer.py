@@ -103,14 +103,19 @@ class TrainConfig:
         require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "must be positive or None")
         require(self.dead_feature_window > 0, "dead_feature_window", self.dead_feature_window, "must be positive")
         require(self.log_every > 0, "log_every", self.log_every, "must be positive")
-        require(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "must be ≥ 0")
+        require(
+            isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0,
+            "checkpoint_every",
+            self.checkpoint_every,
+            "must be an integer ≥ 0 (0 = none by step count)",
+        )
         require(
             isinstance(self.checkpoint_minutes, (int, float))
             and math.isfinite(self.checkpoint_minutes)
             and self.checkpoint_minutes >= 0,
             "checkpoint_minutes",
             self.checkpoint_minutes,
-            "must be a number ≥ 0 (0 = no time-based checkpoints)",
+            "must be a number ≥ 0 (0 = none by time)",
         )
 
     @property
