@@ -8,8 +8,7 @@ import statistics
 import pytest
 
 from saelab.bench.compare import Arm, comparison_rows
-from saelab.bench.protocols import PROTOCOLS, Protocol
-from saelab.cli import main
+from tests.bench.conftest import run_cli
 
 
 def rec(arch, seed, **metrics):
@@ -54,32 +53,6 @@ def test_comparison_rows_pair_by_seed_and_give_verdicts():
     nothing = comparison_rows([], base, [better], ["f1", "mcc"], seeds_requested=[0, 1])[0]
     assert nothing["delta_f1"] is None and nothing["ci95_f1"] is None and nothing["verdict"] == "unresolved"
     assert nothing["seeds_finished"] == 0 and nothing["partial"]
-
-
-@pytest.fixture
-def tiny(tiny_synthetic_model_dir, monkeypatch):
-    proto = Protocol(
-        name="tiny",
-        data=str(tiny_synthetic_model_dir),
-        width=32,
-        samples=40_000,
-        batch_size=256,
-        lr=3e-3,
-        l0_sweep=(3,),
-        natural_l0=3,
-        seeds=2,
-        eval_samples=2000,
-        tiers={"quick": 4096},
-    )
-    monkeypatch.setitem(PROTOCOLS, "tiny", proto)
-    return proto
-
-
-def run_cli(capsys, *args):
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def lines(text):
