@@ -7,7 +7,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[test,interop,lint]'
+	$(PIP) install -q -c constraints.txt -e '.[test,interop,lint,tensorboard]'
 	touch $@
 
 setup: $(VENV)/.installed

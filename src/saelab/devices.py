@@ -32,3 +32,62 @@ def resolve_device(name: str | torch.device, field: str = "device") -> str:
             raise ConfigError(field, name, "MPS is not available on this machine; use --device cpu")
         return str(device)
     raise ConfigError(field, name, f"device type {device.type!r} is not supported; use cpu, cuda, cuda:N or mps")
+
+
+# ----- numeric precision ------------------------------------------------------------------------
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16).
+
+    Without them torch emulates bf16 matmuls: measured 240× slower than fp32 (15.9 s vs 66 ms for
+    1024×768 @ 768×4096, 2 threads, AMD EPYC with AVX2 only), so `auto` must never pick bf16 there."""
+    flags = _cpu_flags()
+    if flags is not None:
+        return "amx_bf16" in flags or "avx512_bf16" in flags
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # not Linux: ask oneDNN
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
+
+
+def _cpu_flags() -> set[str] | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def has_native_bf16(device: str | torch.device) -> bool:
+    """Whether `device` runs bf16 matmuls natively (CPU: AMX/AVX512-BF16; CUDA: Ampere or newer)."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return cpu_has_native_bf16()
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    return False
+
+
+def resolve_precision(precision: str, device: str | torch.device, field: str = "precision") -> str:
+    """Returns "fp32" or "bf16": `auto` is bf16 exactly where the device has native bf16 matmuls."""
+    if precision not in PRECISIONS:
+        raise ConfigError(field, precision, f"must be one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if has_native_bf16(device) else "fp32"
+    return precision
+
+
+def emulated_bf16_warning(precision: str, device: str | torch.device) -> str | None:
+    """A one-line warning when bf16 was asked for on a device that only emulates it (slow, not wrong)."""
+    if precision == "bf16" and not has_native_bf16(device):
+        return (
+            f"--precision bf16 on {device}: this device has no native bf16 matrix units, so bf16 runs emulated "
+            "and far slower than fp32; use --precision auto (fp32 here) unless you are checking numerics"
+        )
+    return None

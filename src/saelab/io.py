@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from saelab.errors import OutputError, SaelabError
+from saelab.errors import FileFormatError, OutputError, SaelabError
 
 # atomic_path's temporary files: ".<name>.<8 random chars from tempfile>.tmp"
 TEMP_FILE_PATTERN = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
@@ -112,6 +112,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """A JSON file this library wrote; FileFormatError naming the file when it is not JSON (never a traceback)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise FileFormatError(f"{path} is not a readable JSON file ({type(err).__name__}: {err})") from None
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

@@ -179,7 +179,7 @@ def test_resume_refuses_any_setting_that_changes_the_run_and_allows_the_rest(tmp
         ("adam_beta2", 0.99),
         ("seed", 1),
         ("lr_end_factor", 0.2),
-        ("autocast_bf16", True),
+        ("precision", "bf16"),
     ]:
         with pytest.raises(ConfigError, match=f"^{field}="):
             trainer(**{field: value}).load_checkpoint(ckpt)

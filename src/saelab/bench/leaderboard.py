@@ -15,6 +15,8 @@ from saelab.bench.paired import mean_interval
 from saelab.bench.values import number
 
 LEADERBOARD_METRICS = ("f1", "mcc", "uniqueness", "explained_variance", "l0", "dead_latents")
+# Summarised too where a group holds transcoder runs (protocol tc-mini); SAE rows keep their columns.
+TRANSCODER_METRICS = ("fvu", "skip_rel_error", "computing_features_recovered")
 # Per metric, each summary holds these keys (e.g. f1_mean, f1_ci95_lo).
 STAT_SUFFIXES = ("mean", "sd", "se", "ci95_lo", "ci95_hi")
 
@@ -57,6 +59,12 @@ def protocol_budget_of(row: Mapping[str, Any]) -> int | None:
     if value is None:
         value = number(row.get("protocol_samples"))
     return None if value is None else int(value)
+
+
+def with_transcoder_metrics(rows: Iterable[Mapping[str, Any]], metrics: Sequence[str]) -> tuple[str, ...]:
+    """`metrics`, plus TRANSCODER_METRICS when some row is a transcoder's (it has an `fvu`)."""
+    transcoder = any(metric_value(r, "fvu") is not None for r in rows)
+    return tuple(metrics) + tuple(m for m in TRANSCODER_METRICS if transcoder and m not in metrics)
 
 
 def summary(group: Iterable[Mapping[str, Any]], metrics: Sequence[str] = LEADERBOARD_METRICS) -> dict[str, Any]:
@@ -136,7 +144,7 @@ def leaderboard_rows(
         groups.setdefault((proto, arch, l0, samples), []).append(run)
     rows = []
     for (proto, arch, l0, samples), group in groups.items():
-        stats = summary(group)
+        stats = summary(group, with_transcoder_metrics(group, LEADERBOARD_METRICS))
         budgets = {protocol_budget_of(r) for r in group} - {None}
         proto_samples = budgets.pop() if len(budgets) == 1 else None
         row: dict[str, Any] = {

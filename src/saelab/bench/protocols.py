@@ -31,10 +31,14 @@ class Protocol:
     eval_samples: int
     lr_decay_fraction: float = 0.0
     lr_warmup_steps: int = 0
-    autocast_bf16: bool = False
+    # auto: bf16 autocast where the device has native bf16 matmuls (SynthSAEBench trains in bf16), else fp32.
+    precision: str = "auto"
     dead_feature_window: int = 1000  # steps without firing before AuxK treats a latent as dead
     description: str = ""
     arch_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # none: SAEs. skip / plain: every arch trains as that transcoder kind (RunConfig.transcoder) on the
+    # protocol's paired data; a variant setting skip itself (`batchtopk:skip=false`) keeps its own.
+    transcoder: str = "none"
     tiers: dict[str, int] = field(default_factory=dict)  # named budgets besides `full` (= samples)
 
     def to_dict(self) -> dict[str, Any]:
@@ -43,11 +47,13 @@ class Protocol:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Protocol:
         """Inverse of to_dict (a protocol recorded in a log or a store); unknown keys are refused."""
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} | {"autocast_bf16"}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError("protocol", data.get("name"), f"records unknown fields {', '.join(unknown)}")
         values = dict(data)
+        if "autocast_bf16" in values:  # recorded before `precision` replaced it
+            values.setdefault("precision", "auto" if values.pop("autocast_bf16") else "fp32")
         if "l0_sweep" in values:
             values["l0_sweep"] = tuple(values["l0_sweep"])
         return cls(**values)
@@ -80,9 +86,25 @@ PROTOCOLS: dict[str, Protocol] = {
         natural_l0=25,
         seeds=5,
         eval_samples=1_000_000,
-        autocast_bf16=True,
         tiers={"quick": 50_000_000},
         description="Published SynthSAEBench-16k protocol (GPU): width 4096, 200M samples, batch 1024, lr 3e-4.",
+    ),
+    "16k-cpu": Protocol(
+        name="16k-cpu",
+        data="synth-16k",
+        width=4096,
+        samples=20_000_000,
+        batch_size=1024,
+        lr=1e-3,
+        lr_decay_fraction=1 / 3,
+        l0_sweep=(15, 20, 25, 30, 35),
+        natural_l0=25,
+        seeds=3,
+        eval_samples=200_000,
+        dead_feature_window=100,
+        tiers={"quick": 5_000_000},
+        description="synth-16k, width 4096, 20M samples, batch 1024, lr 1e-3 with linear decay over the final "
+        "third, AuxK dead window 100 steps: the published 16k data and width on a CPU budget.",
     ),
     "mini": Protocol(
         name="mini",
@@ -99,6 +121,25 @@ PROTOCOLS: dict[str, Protocol] = {
         dead_feature_window=100,
         tiers={"quick": 1_500_000},
         description="synth-mini, width 1024, 6M samples, batch 1024, lr 2e-3 with linear decay over the final third, AuxK dead window 100 steps (2-core CPU).",
+    ),
+    "tc-mini": Protocol(
+        name="tc-mini",
+        data="tc-mini",
+        width=1024,
+        samples=3_000_000,
+        batch_size=1024,
+        lr=2e-3,
+        lr_decay_fraction=1 / 3,
+        l0_sweep=(8, 12, 16),
+        natural_l0=12,
+        seeds=3,
+        eval_samples=100_000,
+        dead_feature_window=100,
+        transcoder="skip",
+        tiers={"quick": 750_000},
+        description="tc-mini transcoder world, skip-transcoders (a variant `ARCH:skip=false` is the plain "
+        "transcoder), width 1024, 3M samples, batch 1024, lr 2e-3 with linear decay over the final third, "
+        "AuxK dead window 100 steps (2-core CPU).",
     ),
 }
 

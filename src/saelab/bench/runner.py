@@ -21,6 +21,7 @@ from saelab.errors import TrainingInterrupted, require
 from saelab.provenance import envelope
 from saelab.runs import RunConfig, run_training
 from saelab.synthetic import load_source as load_data
+from saelab.training.progress import progress_label
 
 SUMMARY_METRICS = ("f1", "precision", "recall", "mcc", "uniqueness", "explained_variance", "l0", "dead_latents")
 
@@ -36,6 +37,10 @@ class BenchRequest:
     arch_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     out_dir: Path = Path("runs/bench")
     eval_samples: int | None = None  # override the protocol's evaluation samples
+    precision: str | None = None  # override the protocol's precision (auto, fp32, bf16)
+    checkpoint_minutes: float = 10.0  # wall time between checkpoints of each seed's run (what --resume continues)
+    checkpoint_every: int = 0  # steps between checkpoints (0: by time only)
+    resume: bool = False  # continue the run folders of `stamp` (see find_resumable_stamp) instead of starting
     # Override variants (`recipe:ista_steps=0`) among archs: spawned workers register them again.
     variants: list[VariantSpec] = field(default_factory=list)
 
@@ -65,17 +70,20 @@ class BenchRequest:
             seed=seed,
             eval_samples=self.eval_samples or p.eval_samples,
             device=self.device,
-            autocast_bf16=p.autocast_bf16 and self.device.startswith("cuda"),
+            precision=self.precision or p.precision,
             dead_feature_window=p.dead_feature_window,
+            transcoder=p.transcoder,
+            checkpoint_minutes=self.checkpoint_minutes,
+            checkpoint_every=self.checkpoint_every,
             arch_options={k: v for k, v in options.items() if v},
         )
 
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (arch, L0, budget) over seeds: mean, sd, se and 95% interval (bench.leaderboard)."""
-    from saelab.bench.leaderboard import summarize_seeds
+    from saelab.bench.leaderboard import summarize_seeds, with_transcoder_metrics
 
-    rows = summarize_seeds(results, SUMMARY_METRICS + ("wall_seconds",))
+    rows = summarize_seeds(results, with_transcoder_metrics(results, SUMMARY_METRICS) + ("wall_seconds",))
     return [{"kind": "summary", "summary": True, **row} for row in rows]
 
 
@@ -99,7 +107,9 @@ def run_bench(
     worker writes its own results into the same store (SQLite in WAL mode takes concurrent writers).
     Workers die with this process; on KeyboardInterrupt (Ctrl-C, or `workers.Terminated`) they are stopped
     at once and the interrupt propagates (a signal during training in this process arrives as the trainer's
-    TrainingInterrupted). `stamp` names run folders already made by `reserve_run_dirs`."""
+    TrainingInterrupted). `stamp` names run folders already made by `reserve_run_dirs`. `progress`: the trainer's
+    bar on a terminal, else a plain line every so often (training/progress.py); workers print plain lines
+    labelled with their seed."""
     require(
         isinstance(jobs, int) and not isinstance(jobs, bool) and jobs >= 1, "jobs", jobs, "must be a positive integer"
     )
@@ -121,11 +131,83 @@ def run_bench(
                     request, seed, stamp, model=model, store=store, progress=progress, on_result=on_result
                 )
             return records
-        return _run_seeds_in_workers(request, stamp, store, on_result, jobs, deadline)
+        return _run_seeds_in_workers(request, stamp, store, on_result, jobs, deadline, progress)
     finally:
         for seed in request.seeds:  # seeds that never started (interrupted, failed) leave no empty folder
             with contextlib.suppress(OSError):
                 run_dir_for(request, stamp, seed).rmdir()
+
+
+def seed_state(run_dir: Path) -> str:
+    """Where one seed's run folder stands: "complete", "checkpoint" (can continue) or "new" (start it over)."""
+    from saelab.io import read_json
+    from saelab.runs.run import CHECKPOINT_DIR
+    from saelab.training import checkpoint as ckpt_io
+
+    run_json = run_dir / "run.json"
+    if run_json.exists() and read_json(run_json).get("status") == "complete":
+        return "complete"
+    if (run_dir / CHECKPOINT_DIR / ckpt_io.JSON_NAME).exists():
+        return "checkpoint"
+    return "new"
+
+
+def finished_records(request: BenchRequest, seed: int, run_dir: Path) -> list[dict[str, Any]]:
+    """The records of a seed that completed before a `--resume` (recorded in the store when they finished)."""
+    from saelab.io import read_json
+
+    saved = read_json(run_dir / "run.json")
+    cfg = request.run_config(seed)
+    return [
+        {
+            **{k: v for k, v in record.items() if k != "train_stats"},
+            "protocol": request.protocol.name,
+            "samples": cfg.samples,
+            "protocol_samples": request.protocol.samples,
+            "eval_samples": cfg.eval_samples,
+            "wall_seconds": saved.get("wall_seconds"),
+            "run_dir": str(run_dir),
+        }
+        for record in saved.get("results", [])
+    ]
+
+
+def find_resumable_stamp(request: BenchRequest) -> str:
+    """The stamp of the newest bench under `request.out_dir` whose run folders hold these very settings.
+
+    A seed folder counts when its run.json (or checkpoint) records the run config this request gives that
+    seed; `--resume` may change only what cannot change the weights (eval samples, device, checkpoint cadence).
+    Raises ConfigError naming the folder and the first differing setting when nothing matches."""
+    import re
+
+    from saelab.errors import ConfigError, SaelabError
+    from saelab.io import read_json
+    from saelab.runs.run import check_resume_config
+
+    pattern = re.compile(rf"^{re.escape(request.protocol.name)}-(.+)-seed(\d+)$")
+    stamps: dict[str, float] = {}
+    for folder in request.out_dir.glob(f"{request.protocol.name}-*-seed*"):
+        m = pattern.match(folder.name)
+        if m and folder.is_dir() and (folder / "run.json").exists():
+            stamps[m.group(1)] = max(stamps.get(m.group(1), 0.0), (folder / "run.json").stat().st_mtime)
+    first_refusal: str | None = None
+    for stamp in sorted(stamps, key=lambda st: stamps[st], reverse=True):
+        try:
+            for seed in request.seeds:
+                run_json = run_dir_for(request, stamp, seed) / "run.json"
+                if run_json.exists():
+                    check_resume_config(read_json(run_json).get("config"), request.run_config(seed), run_json)
+        except SaelabError as err:
+            first_refusal = first_refusal or f"{run_dir_for(request, stamp, request.seeds[0]).parent}/…{stamp}: {err}"
+            continue
+        return stamp  # the newest bench with these settings (all seeds complete: nothing left to train)
+    detail = f"; the newest candidate differs: {first_refusal}" if first_refusal else ""
+    raise ConfigError(
+        "resume",
+        str(request.out_dir),
+        f"holds no interrupted `{request.protocol.name}` bench with these settings to continue{detail}; "
+        "run the same bench command that was interrupted (same --arch, --l0, --seeds, budget), or drop --resume",
+    )
 
 
 def run_dir_for(request: BenchRequest, stamp: str, seed: int) -> Path:
@@ -173,11 +255,23 @@ def run_seed(
         model = load_data(request.protocol.data, device=request.device)
     cfg = request.run_config(seed)
     run_dir = run_dir_for(request, seed=seed, stamp=stamp)
+    resume = False
+    if request.resume:
+        state = seed_state(run_dir)
+        if state == "complete":
+            done = finished_records(request, seed, run_dir)
+            for record in done:
+                if on_result:
+                    on_result(record)
+            return done
+        resume = state == "checkpoint"
     env = envelope({"protocol": request.protocol.to_dict(), "run": dataclasses.asdict(cfg)}, request.device)
     run_ids: dict[str, Any] = {}
     if store is not None:
         for name, arch, l0 in cfg.sae_names():
             run_ids[name] = store.start_run(request.protocol.name, arch, l0, seed, env)
+            if request.resume:
+                store.mark_continued(request.protocol.name, arch, l0, seed, run_ids[name])
     seed_started = time.perf_counter()
     records: list[dict[str, Any]] = []
 
@@ -199,7 +293,8 @@ def run_seed(
             on_result(record)
 
     try:
-        run_training(cfg, run_dir, progress=progress, model=model, on_result=record_result)
+        with progress_label(f"seed {seed}"):  # `seed 1: step ...` when seeds train side by side
+            run_training(cfg, run_dir, resume=resume, progress=progress, model=model, on_result=record_result)
     except BaseException as err:
         # A signal (Ctrl-C, SIGTERM, the trainer's stop) leaves the unfinished runs "running": once this process
         # is gone they read as incomplete, which is what they are. Only real failures are marked failed.
@@ -212,7 +307,9 @@ def run_seed(
     return records
 
 
-def _worker_run_seed(request: BenchRequest, seed: int, stamp: str, store_path: str | None, threads: int):
+def _worker_run_seed(
+    request: BenchRequest, seed: int, stamp: str, store_path: str | None, threads: int, progress: bool = False
+):
     import os
 
     import torch
@@ -224,7 +321,9 @@ def _worker_run_seed(request: BenchRequest, seed: int, stamp: str, store_path: s
 
         store = ResultsStore(store_path)
     try:
-        return run_seed(request, seed, stamp, store=store, progress=False)
+        # Workers share the parent's stderr, where live bars would overwrite each other: plain lines.
+        with progress_label(f"seed {seed}", plain=True):
+            return run_seed(request, seed, stamp, store=store, progress=progress)
     except (KeyboardInterrupt, SystemExit, TrainingInterrupted):
         # Stopped by a signal (the trainer saved a checkpoint first where it could): end the process now, or the
         # pool would keep it alive waiting for the next seed while the parent waits for it to exit.
@@ -242,7 +341,9 @@ def variant_check_dims(request: BenchRequest) -> dict[str, Any]:
     }
 
 
-def _run_seeds_in_workers(request, stamp, store, on_result, jobs, deadline=None) -> list[dict[str, Any]]:
+def _run_seeds_in_workers(
+    request, stamp, store, on_result, jobs, deadline=None, progress=False
+) -> list[dict[str, Any]]:
     import concurrent.futures as cf
     import multiprocessing
     import os
@@ -271,7 +372,9 @@ def _run_seeds_in_workers(request, stamp, store, on_result, jobs, deadline=None)
         pool.shutdown(wait=False, cancel_futures=True)
 
     try:
-        futures = [pool.submit(_worker_run_seed, request, seed, stamp, store_path, threads) for seed in request.seeds]
+        futures = [
+            pool.submit(_worker_run_seed, request, seed, stamp, store_path, threads, progress) for seed in request.seeds
+        ]
         pending = set(futures)
         while pending:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -539,6 +539,26 @@ class ResultsStore:
                 )
         return len(stale)
 
+    def mark_continued(self, protocol: str, arch: str, l0_target: float, seed: int, new_run_id: int) -> int:
+        """`bench --resume` took over: earlier unfinished rows of this (protocol, arch, L0, seed) on this host
+        become "incomplete" with a note naming the run that continues them. Returns how many."""
+        self.mark_stale_incomplete()
+        with self._connect(write=True) as con:
+            cur = con.execute(
+                "UPDATE runs SET status = 'incomplete', error = ? WHERE protocol = ? AND arch = ? AND l0_target = ? "
+                "AND seed = ? AND run_id < ? AND status = 'incomplete' AND hostname = ?",
+                (
+                    f"continued by run {int(new_run_id)} (bench --resume)",
+                    protocol,
+                    arch,
+                    float(l0_target),
+                    int(seed),
+                    int(new_run_id),
+                    self.hostname,
+                ),
+            )
+            return cur.rowcount
+
     # ---------------------------------------------------------------- reading
     def _effective_status(self, row: Mapping[str, Any]) -> str:
         if (

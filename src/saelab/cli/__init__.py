@@ -29,6 +29,7 @@ def _register() -> None:
         bench,
         cache,  # noqa: F401
         compare,
+        convert,
         diagnose,
         report,
         research,
@@ -147,19 +148,28 @@ def main(argv: list[str] | None = None) -> None:
     """Run the command line; every mistake ends as one `error: ...` line on stderr and exit status 2."""
     import sys
 
-    from saelab.cli.common import expand_multi_value_args
+    from saelab.cli.commands import command_listing, lists_commands
 
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        _register()
-        # inside the try: a bad range such as `--l0 20..5` is a one-line error too
-        args = expand_multi_value_args(args)
+        target = app
+        if lists_commands(args):  # `saelab`, `saelab --help`: the list of commands, without importing them (torch)
+            from saelab.cli.options import hide_flag_types
+
+            hide_flag_types()
+            target = command_listing(app)
+        else:
+            from saelab.cli.common import expand_multi_value_args
+
+            _register()
+            # inside the try: a bad range such as `--l0 20..5` is a one-line error too
+            args = expand_multi_value_args(args)
         with warnings.catch_warnings():
             # torch warns about the pickle protocol of any .pt file it reads with weights_only=True; saelab
             # reports a file it cannot read itself, in one line, and the warning would be a second.
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             # standalone_mode=False: click's usage errors reach the handlers below instead of a multi-line panel
-            result = app(args=args, prog_name="saelab", standalone_mode=False)
+            result = target(args=args, prog_name="saelab", standalone_mode=False)
     except SaelabError as err:
         _fail(str(err), code=getattr(err, "exit_code", 2))  # 130/143 for a training stopped by SIGINT/SIGTERM
     except _click_errors("NoArgsIsHelpError") as err:

@@ -11,18 +11,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from saelab.cli import app
-from saelab.cli.common import out, parse_count, parse_l0_values, print_json
+from saelab.cli.common import arch_names_help, out, parse_count, parse_l0_values, print_json
 from saelab.errors import ConfigError, TrainingInterrupted
 from saelab.metrics.names import RUN_METRICS
 
-RESULT_KEYS = ["arch", "l0_target", "seed", "samples", *RUN_METRICS, "wall_seconds"]
+RESULT_KEYS = ["arch", "l0_target", "seed", "samples", *RUN_METRICS, "compute_precision", "wall_seconds"]
 
 
 @app.command()
 def bench(
     protocol: str = typer.Option("mini", help="Benchmark protocol: mini (2-core CPU) or 16k (published, GPU)."),
     arch: list[str] | None = typer.Option(
-        None, help="Architectures (registry names or module:Class); default matryoshka."
+        None, help=f"Architectures (registry names or module:Class); default matryoshka. {arch_names_help()}"
     ),
     ablate: list[str] | None = typer.Option(
         None, help="Also train ARCH with each of its components removed in turn (e.g. recipe)."
@@ -39,10 +39,28 @@ def bench(
         None, help="A named budget of the protocol instead of --samples (mini: quick = 1.5M, full = 6M)."
     ),
     eval_samples: str | None = typer.Option(None, help="Override the protocol's evaluation samples."),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    precision: str | None = typer.Option(
+        None, help="auto, fp32 or bf16 (default: the protocol's, auto: bf16 where the device has bf16 units)."
+    ),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue the newest interrupted bench with these same options from its checkpoints; "
+        "finished seeds are not retrained.",
+    ),
+    checkpoint_minutes: float = typer.Option(
+        10.0, help="Minutes between checkpoints of each seed (what --resume continues from)."
+    ),
+    checkpoint_every: int = typer.Option(0, help="Also checkpoint every this many steps (0: by time only)."),
     jobs: int = typer.Option(1, help="Seeds trained at once in worker processes (CPU: e.g. 2 on 2 cores)."),
     store: Path | None = typer.Option(None, help="Results store (default runs/results.sqlite or $SAELAB_STORE)."),
-    no_store: bool = typer.Option(False, help="Do not record results."),
+    no_store: bool = typer.Option(False, "--no-store", help="Do not record results."),
+    estimate: bool | None = typer.Option(
+        None,
+        "--estimate/--no-estimate",
+        help="Time a few training steps first and print the estimated wall time (default: on, off with --json).",
+    ),
     out_dir: Path = typer.Option(Path("runs/bench"), "--out", help="Folder for run folders."),
     json_output: bool = typer.Option(
         False, "--json", help="One JSON line per result (kind run), then one per (arch, L0) (kind summary)."
@@ -51,9 +69,17 @@ def bench(
     """Train and score every (arch, L0, seed); print mean ± sd per (arch, L0); record all results."""
     from saelab.bench.paths import check_writable_dir
     from saelab.bench.protocols import get_protocol
-    from saelab.bench.runner import BenchRequest, finished_runs, reserve_run_dirs, run_bench, summarize
+    from saelab.bench.runner import (
+        BenchRequest,
+        find_resumable_stamp,
+        finished_runs,
+        reserve_run_dirs,
+        run_bench,
+        summarize,
+    )
     from saelab.bench.workers import Terminated, sigterm_as_interrupt
     from saelab.saes.registry import ablation_names, get_sae_class
+    from saelab.training.progress import progress_seconds
 
     # Every option is checked before the store or a run folder is touched.
     proto = get_protocol(protocol)
@@ -84,27 +110,47 @@ def bench(
         samples=budget,
         out_dir=out_dir,
         eval_samples=parse_count(eval_samples, "eval_samples") if eval_samples is not None else None,
+        precision=precision,
+        checkpoint_minutes=checkpoint_minutes,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
     )
+    request.run_config(request.seeds[0])  # every training setting checked before anything is written
+    progress_seconds()  # and $SAELAB_PROGRESS_SECONDS
     check_writable_dir(out_dir, "out")
     results_store = None
     if not no_store:
         from saelab.bench.store import ResultsStore, default_store_path
 
         results_store = ResultsStore(store or default_store_path())
-    stamp = reserve_run_dirs(request)
+    stamp = find_resumable_stamp(request) if resume else reserve_run_dirs(request)
     collected: list[dict] = []
+
+    from saelab.runs.warnings import budget_of_run, run_warnings
+
+    budget = budget_of_run(request.run_config(request.seeds[0]), proto)  # the same for every seed
+    warned: list[str] = []
 
     def emit(record):
         collected.append(record)
+        warnings = run_warnings(record, budget)  # runs/warnings.py: L0 off target, many dead latents
+        warned.extend(f"seed {record.get('seed')}: {w}" for w in warnings)
         if json_output:
-            print_json({"kind": "run", **{k: record.get(k) for k in RESULT_KEYS}})
+            print_json({"kind": "run", **{k: record.get(k) for k in RESULT_KEYS}, "warnings": warnings})
 
     try:
         with sigterm_as_interrupt():
+            if not json_output:
+                _announce(request, jobs)
+            if estimate if estimate is not None else not (json_output or resume):
+                from saelab.bench.compare import estimate_wall_time
+                from saelab.cli.common import estimate_printer
+
+                estimate_printer(json_output, None)(estimate_wall_time(request, jobs))
             records = run_bench(
                 request,
                 store=results_store,
-                progress=not json_output and jobs == 1,
+                progress=not json_output,
                 on_result=emit,
                 jobs=jobs,
                 stamp=stamp,
@@ -160,3 +206,19 @@ def bench(
     out.print(table)
     if results_store is not None:
         out.print(f"results recorded in {results_store.path}; see `saelab results leaderboard`")
+    for line in warned:
+        print(f"warning: {line}", file=sys.stderr, flush=True)  # plain print: one unwrapped line each
+
+
+def _announce(request, jobs: int) -> None:
+    """What is about to run, on stderr, before any training: with --jobs each worker prints its own progress lines."""
+    from saelab.training.progress import interval_text, progress_seconds
+
+    n_seeds = len(request.seeds)
+    steps = request.run_config(request.seeds[0]).train_config().total_steps
+    n_saes = len(request.archs) * len(request.l0s)
+    line = f"bench: {n_seeds} seed(s) × {n_saes} SAE(s), {steps:,} training steps per seed"
+    if jobs > 1 and n_seeds > 1:
+        every = interval_text(progress_seconds())
+        line += f", in {min(jobs, n_seeds)} worker processes; each prints `seed N: step ...` {every}"
+    print(line, file=sys.stderr, flush=True)  # plain print: rich would wrap it

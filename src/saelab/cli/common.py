@@ -9,17 +9,18 @@ from collections.abc import Iterable
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from saelab.cli.terminal import MediumConsole
 from saelab.errors import ConfigError
 from saelab.metrics.names import RUN_METRICS, table_columns
 
-console = Console(stderr=True)
-out = Console()
+# Messages on stderr, results on stdout; on a file or a pipe neither is cut to 80 columns (cli/terminal.py).
+console = MediumConsole(stderr=True)
+out = MediumConsole()
 
 # Options that take several values: `--l0 10 12 14` is read as `--l0 10 --l0 12 --l0 14`.
-MULTI_VALUE_OPTIONS = {"--l0", "--arch", "--ablate"}
+MULTI_VALUE_OPTIONS = {"--l0", "--arch", "--ablate", "--saes", "--log-to"}
 _SUFFIXES = {"k": 1_000, "m": 1_000_000, "b": 1_000_000_000, "g": 1_000_000_000}
 
 
@@ -173,6 +174,19 @@ USER_ARCHS_OPTION: Any = typer.Option(
     help="Your own architecture(s), module:Class or path/to/file.py:Class, imported (its code runs) "
     "so saved SAEs naming it load.",
 )
+
+
+def arch_names_help() -> str:
+    """'Registered: abstopk, batchtopk, ... (and recipe-no_<component> ablations).' for --arch help texts."""
+    from saelab.saes.registry import SAE_REGISTRY, load_builtin_architectures
+
+    load_builtin_architectures()
+    names = sorted(SAE_REGISTRY)
+    ablated = sorted({n.split("-no_")[0] for n in names if "-no_" in n})
+    text = "Registered: " + ", ".join(n for n in names if "-no_" not in n)
+    if ablated:
+        text += " (and the " + ", ".join(f"{n}-no_<component>" for n in ablated) + " ablations)"
+    return text + "."
 
 
 def estimate_printer(json_output: bool, max_minutes: float | None):

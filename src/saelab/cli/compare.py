@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from saelab.cli import app
-from saelab.cli.common import estimate_printer, out, print_json
+from saelab.cli.common import arch_names_help, estimate_printer, out, print_json
 from saelab.errors import ConfigError, TrainingInterrupted
 
 VARIANT_HELP = (
@@ -126,7 +126,9 @@ def open_store(store: Path | None, no_store: bool):
 
 @app.command()
 def compare(
-    base: str = typer.Argument(..., metavar="BASE", help="The base architecture every variant is compared against."),
+    base: str = typer.Argument(
+        ..., metavar="BASE", help=f"The base architecture every variant is compared against. {arch_names_help()}"
+    ),
     variants: list[str] = typer.Argument(..., metavar="VARIANT", help=VARIANT_HELP),
     protocol: str = typer.Option("mini", help="Benchmark protocol (mini, 16k, ...)."),
     samples: str | None = typer.Option(None, help="Training samples per SAE (default: the protocol's)."),
@@ -142,7 +144,7 @@ def compare(
         None, help="Wall-time budget: stop training when it is spent and report the seeds that finished (partial)."
     ),
     eval_samples: str | None = typer.Option(None, help="Evaluation samples (default: the protocol's)."),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     store: Path | None = typer.Option(None, help="Results store (default runs/results.sqlite or $SAELAB_STORE)."),
     no_store: bool = typer.Option(False, "--no-store", help="Do not record the runs."),
     out_dir: Path = typer.Option(Path("runs/compare"), "--out", help="Folder for run folders."),
@@ -195,7 +197,7 @@ def compare(
                 store=results_store,
                 estimate=estimate,
                 on_estimate=on_estimate,
-                progress=not json_output and jobs == 1 and max_minutes is None,
+                progress=not json_output,  # workers print plain lines labelled by seed
                 resolved=resolved,
             )
     except (KeyboardInterrupt, TrainingInterrupted) as err:

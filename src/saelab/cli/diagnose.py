@@ -14,6 +14,7 @@ from saelab.cli import app
 from saelab.cli.common import (
     TRUST_CODE_OPTION,
     USER_ARCHS_OPTION,
+    arch_names_help,
     check_seed,
     console,
     out,
@@ -53,22 +54,23 @@ def _parse_ns(values: list[str]) -> list[int] | None:
 # ------------------------------------------------------------------------------------------- l0
 @app.command("l0")
 def l0_command(
+    ctx: typer.Context,
     data: str = typer.Option(
         "sbw-toy",
         help="Synthetic preset, synthetic-model folder, or activation file "
         "(.pt/.npy/.safetensors holding one [N, d_in] tensor).",
     ),
-    arch: str = typer.Option("batchtopk", help="Architecture trained at each L0."),
+    arch: str = typer.Option("batchtopk", help=f"Architecture trained at each L0. {arch_names_help()}"),
     l0: list[str] = typer.Option(["5..25"], help="L0 values to sweep, e.g. --l0 5..25 or --l0 8 10 12 14."),
     width: int | None = typer.Option(
         None, help="SAE width (default: all features up to 1024, else a quarter; activations: 8·d_in)."
     ),
     samples: str = typer.Option("2M", help="Training samples per SAE (all SAEs share one stream)."),
-    batch_size: int = typer.Option(1024),
+    batch_size: int = typer.Option(1024, help="Samples per training step."),
     lr: float = typer.Option(3e-3, help="Adam learning rate (3e-3 converges the toy sweeps in ~2M samples)."),
     lr_decay_fraction: float = typer.Option(0.0, help="Linear decay to 0 over this final fraction of training."),
     dead_feature_window: int = typer.Option(1000, help="Steps without firing before a latent counts as dead (AuxK)."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the SAEs' initialisation and the data stream."),
     n: list[str] = typer.Option(
         [],
         help="Fix the n values of s_n^dec (default: n from 1.25 to 2 × the candidate "
@@ -77,7 +79,7 @@ def l0_command(
     tolerance: float = typer.Option(0.05, help="Valley-floor tolerance on the combined normalised score."),
     eval_samples: str = typer.Option("4096", help="Held-out inputs the metrics are computed on."),
     gt_eval_samples: str = typer.Option("20k", help="Samples for the ground-truth scores (synthetic data only)."),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     out_dir: Path | None = typer.Option(None, "--out", help="Output folder (default runs/<time>-l0)."),
     json_output: bool = typer.Option(False, "--json", help="End with one JSON line: recommended_l0 and the metrics."),
     activations: str | None = typer.Option(None, help="Activation file or `saelab cache` folder (instead of --data)."),
@@ -86,8 +88,15 @@ def l0_command(
     hook_module: str | None = typer.Option(None, help="With --model: hook this named module."),
     dataset: str | None = typer.Option(None, help="With --model: text file, folder, `datasets` folder or tokens."),
     context_size: int = typer.Option(128, help="With --model: tokens per context."),
+    saes: list[Path] = typer.Option(
+        [],
+        "--saes",
+        metavar="DIR",
+        help="Score this family of pretrained SAEs (folders in any supported format, or a run folder) "
+        "instead of training a sweep; --l0, if given, labels them in order.",
+    ),
 ) -> None:
-    """Train one SAE per L0 on a shared stream, plot s_n^dec and decoder |cos| against L0, recommend an L0."""
+    """Train one SAE per L0 on a shared stream (or score a pretrained family with --saes), plot s_n^dec and decoder |cos| against L0, recommend an L0."""
     from saelab.bench.paths import check_writable_dir
     from saelab.diagnostics.l0_sweep import run_l0_sweep
 
@@ -116,6 +125,11 @@ def l0_command(
         raise ConfigError("l0", l0, "give at least one L0 (e.g. --l0 5..25)")
     if out_dir is None:
         out_dir = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-l0"
+    if saes:
+        _l0_family(
+            ctx, saes, source, data, l0, n, tolerance, eval_samples, gt_eval_samples, seed, out_dir, device, json_output
+        )
+        return
     check_writable_dir(out_dir, "out")
     sweep = run_l0_sweep(
         source,
@@ -136,10 +150,83 @@ def l0_command(
         device=device,
         progress=not json_output,
     )
-    rec = sweep.recommendation
     if json_output:
         print_json(sweep.summary_json())
         return
+    _print_l0_result(sweep, f"L0 sweep: {arch} width {sweep.width} on {data}", out_dir)
+
+
+# Options of `saelab l0` that only train a sweep: with --saes they would do nothing, so they are refused.
+TRAINING_ONLY_L0_OPTIONS = ("arch", "width", "samples", "batch_size", "lr", "lr_decay_fraction", "dead_feature_window")
+
+
+def _l0_family(
+    ctx: typer.Context,
+    saes: list[Path],
+    source: object,
+    data: str,
+    l0: list[str],
+    n: list[str],
+    tolerance: float,
+    eval_samples: str,
+    gt_eval_samples: str,
+    seed: int,
+    out_dir: Path,
+    device: str,
+    json_output: bool,
+) -> None:
+    """`saelab l0 --saes DIR ...`: the correct-L0 check on a pretrained family (diagnostics/l0_family.py)."""
+    from saelab.bench.paths import check_writable_dir
+    from saelab.diagnostics.l0_family import recommended_sae, run_l0_family
+
+    def given(name: str) -> bool:
+        where = ctx.get_parameter_source(name)  # click's ParameterSource (typer vendors its own copy)
+        return where is not None and where.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    for name in TRAINING_ONLY_L0_OPTIONS:
+        if given(name):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(name, ctx.params.get(name), f"{flag} trains a sweep; --saes scores SAEs already trained")
+    labels = None
+    if given("l0"):
+        labels = []
+        for v in l0:
+            try:
+                labels.append(float(v))
+            except ValueError:
+                raise ConfigError("l0", v, "must be a number (one L0 per --saes folder)") from None
+    check_writable_dir(out_dir, "out")
+    sweep = run_l0_family(
+        [str(p) for p in saes],
+        source,
+        l0s=labels,
+        ns=_parse_ns(n),
+        eval_samples=parse_count(eval_samples, "eval_samples"),
+        gt_eval_samples=parse_count(gt_eval_samples, "gt_eval_samples"),
+        tolerance=tolerance,
+        seed=seed,
+        out_dir=out_dir,
+        device=device,
+    )
+    if json_output:
+        print_json(
+            {
+                **sweep.summary_json(),
+                "saes": [p.name for p in sweep.points],
+                "recommended_sae": recommended_sae(sweep),
+                "l0_source": sweep.config["l0_source"],
+            }
+        )
+        return
+    title = f"L0 family: {len(sweep.points)} {sweep.arch} SAEs, width {sweep.width}, on {data} (L0 {sweep.config['l0_source']})"
+    _print_l0_result(sweep, title, out_dir)
+    best = recommended_sae(sweep)
+    if best is not None:
+        out.print(f"recommended SAE: {escape(best)}")
+
+
+def _print_l0_result(sweep, title: str, out_dir: Path) -> None:
+    rec = sweep.recommendation
     rows = []
     for p, c in zip(sweep.points, rec.combined_score):
         row = {
@@ -156,7 +243,7 @@ def l0_command(
     cols += [("combined", "combined", "{:.3f}"), ("cos", "dec |cos|", "{:.4f}")]
     if any(p.ground_truth for p in sweep.points):
         cols += [("mcc", "MCC", "{:.3f}"), ("f1", "F1", "{:.3f}")]
-    out.print(results_table(f"L0 sweep: {arch} width {sweep.width} on {data}", rows, cols))
+    out.print(results_table(title, rows, cols))
     truth = ""
     if sweep.true_l0_first_width is not None:
         truth = f" (true L0 of the first {sweep.width} features: {sweep.true_l0_first_width:.2f}, overall {sweep.true_l0:.2f})"
@@ -197,11 +284,16 @@ def _natural_key(path: Path) -> list:
 
 
 def _sae_folders(run: Path) -> list[Path]:
-    if (run / "cfg.json").exists():
+    from saelab.saes.formats import is_sae_path
+
+    if (run / "cfg.json").exists() or (run.is_dir() and is_sae_path(run)):  # any pretrained format too
         return [run]
     saes = run / "saes"
     if not saes.is_dir():
-        raise FileFormatError(f"{run} is neither an SAE folder (cfg.json) nor a run folder (saes/)")
+        raise FileFormatError(
+            f"{run} is neither an SAE folder (SAELens, Gemma Scope, dictionary_learning, sparsify or Llama Scope) "
+            "nor a run folder (saes/)"
+        )
     folders = sorted((p for p in saes.iterdir() if (p / "cfg.json").exists()), key=_natural_key)
     if not folders:
         raise FileFormatError(f"{saes} holds no SAE folders")
@@ -241,8 +333,8 @@ def diagnose_command(
     n: int | None = typer.Option(None, help="n for s_n^dec (default: 2 × the SAE's L0, at most 0.45 × width)."),
     parent_cos: float = typer.Option(0.1, help="Excess parent component that makes a child latent 'absorbing'."),
     top_features: int = typer.Option(5, help="How many of the most frequent features hedging is measured on."),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("cpu"),
+    seed: int = typer.Option(0, help="Seed of the diagnostic samples."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     out_dir: Path | None = typer.Option(None, "--out", help="Where plots go (default RUN/diagnostics)."),
     json_output: bool = typer.Option(False, "--json", help="One JSON line per SAE."),
     arch: list[str] = USER_ARCHS_OPTION,
@@ -306,12 +398,12 @@ def diagnose_command(
 def superposition_command(
     d: int = typer.Option(768, help="Dimension of the space."),
     n: str = typer.Option("16384", help="Number of vectors (16384, 16k, 1e13, 10^13)."),
-    simulate: bool = typer.Option(False, help="Also estimate by sampling N random unit vectors."),
+    simulate: bool = typer.Option(False, "--simulate", help="Also estimate by sampling N random unit vectors."),
     queries: int = typer.Option(2048, help="Vectors whose max |cos| the simulation averages."),
     max_interference: list[float] = typer.Option(
         [], help="Inverse: how many vectors fit under this mean-max |cos| (default 0.05 0.10 0.15 0.20)."
     ),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the simulation (--simulate)."),
     plot: Path | None = typer.Option(None, help="Write the plot here (PNG)."),
     json_output: bool = typer.Option(False, "--json", help="One JSON line."),
 ) -> None:
@@ -391,9 +483,11 @@ def absorption_command(
     p_parent_only: float = typer.Option(..., "--p-parent-only", help="P(parent active without the child)."),
     lam: float = typer.Option(..., "--lam", help="Sparsity coefficient λ."),
     penalty: str = typer.Option("l1", help="l1 (Σ a·‖d‖) or l0 (#active)."),
-    train: bool = typer.Option(False, help="Also train tiny tied and untied SAEs on the toy and report absorption."),
+    train: bool = typer.Option(
+        False, "--train", help="Also train tiny tied and untied SAEs on the toy and report absorption."
+    ),
     steps: int = typer.Option(2000, help="Training steps for --train."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the toy SAEs (--train)."),
     json_output: bool = typer.Option(False, "--json", help="One JSON line."),
 ) -> None:
     """Loss of the faithful vs the absorbing solution of the 2-feature parent/child toy."""

@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import typer
@@ -55,7 +56,7 @@ def metavar(annotation: Any) -> str:
     return {int: "INT", float: "FLOAT", str: "TEXT"}.get(annotation, "VALUE")
 
 
-def field_option(f: dataclasses.Field[Any], hints: dict[str, Any]) -> inspect.Parameter:
+def field_option(f: dataclasses.Field[Any], hints: dict[str, Any], help_suffix: str = "") -> inspect.Parameter:
     meta = f.metadata
     default = meta.get("cli_default", _field_default(f))
     annotation = meta.get("cli_type", _cli_annotation(hints[f.name]))
@@ -65,7 +66,7 @@ def field_option(f: dataclasses.Field[Any], hints: dict[str, Any]) -> inspect.Pa
     option = typer.Option(
         default,
         *names,
-        help=meta.get("help"),
+        help=" ".join(part for part in (meta.get("help"), help_suffix) if part) or None,
         hidden=meta.get("hidden", False),
         show_default=meta.get("show_default", True),
         metavar=meta.get("metavar", metavar(annotation)),
@@ -90,8 +91,11 @@ def config_fields(cls: type, exclude: Iterable[str] = ()) -> list[dataclasses.Fi
     return [f for f in dataclasses.fields(cls) if f.init and f.name not in skip and not f.metadata.get("no_cli")]
 
 
-def config_command(cls: type[T], exclude: Iterable[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: the wrapped `f(config: cls, **extra)` becomes a typer command with cls's options."""
+def config_command(
+    cls: type[T], exclude: Iterable[str] = (), extra_help: Mapping[str, str] | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: the wrapped `f(config: cls, **extra)` becomes a typer command with cls's options.
+    `extra_help` adds text to some fields' help (e.g. the registered architectures to --arch)."""
     fields = config_fields(cls, exclude)
     hints = typing.get_type_hints(cls)
     field_names = {f.name for f in fields}
@@ -114,7 +118,7 @@ def config_command(cls: type[T], exclude: Iterable[str] = ()) -> Callable[[Calla
         params = [
             p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=own_hints.get(p.name, p.annotation)) for p in own
         ]
-        params += [field_option(f, hints) for f in fields]
+        params += [field_option(f, hints, (extra_help or {}).get(f.name, "")) for f in fields]
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}
         del command.__wrapped__  # typer must read the new signature, not func's
@@ -123,17 +127,55 @@ def config_command(cls: type[T], exclude: Iterable[str] = ()) -> Callable[[Calla
     return decorate
 
 
+# typer ≥ 0.20 names a value's type `<str>`, `<list[str]>`, `<path>`: the plain placeholders `train` uses instead.
+_PLACEHOLDERS = {"str": "TEXT", "int": "INT", "float": "FLOAT", "bool": "", "path": "PATH", "directory": "DIR"}
+
+
+def plain_placeholder(shown: str | None) -> str | None:
+    """`<list[str]>` → TEXT, `<int>` → INT, `<path>...` → PATH...; choices `<a|b>` → [a|b]; others unchanged."""
+    m = re.fullmatch(r"<(?:list\[)?([^<>\[\]]+)\]?>(\.\.\.)?", shown or "")
+    if m is None:
+        return shown
+    inner, dots = m.group(1), m.group(2) or ""
+    if "|" in inner:
+        return f"[{inner}]{dots}"
+    label = _PLACEHOLDERS.get(inner, inner.upper())
+    return f"{label}{dots}" if label else ""
+
+
 def hide_flag_types() -> None:
-    """typer ≥ 0.20 prints `<bool>` beside every on/off flag (even --help); a flag takes no value, so
-    show nothing there."""
-    from typer.core import TyperOption
+    """Plain help placeholders. typer ≥ 0.20 prints `<bool>` beside every on/off flag (even --help), `<list[str]>`
+    beside repeatable options and `{run}` for a required argument in the usage line: a flag takes no value, so
+    nothing shows there; a value shows as TEXT, INT, FLOAT or PATH (as `metavar()` gives `train`'s options); an
+    argument as click spells it, RUN (required) or [RUN] (optional)."""
+    from typer.core import TyperArgument, TyperOption
 
     if getattr(TyperOption, "_saelab_flags_plain", False):
         return
     shown = TyperOption.display_type_rich
 
     def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
-        return "" if self.is_flag else shown(self, ctx)
+        return "" if self.is_flag else plain_placeholder(shown(self, ctx))
 
     TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
     TyperOption._saelab_flags_plain = True  # type: ignore[attr-defined]
+    argument_shown = getattr(TyperArgument, "display_type_rich", None)
+    if argument_shown is not None:
+
+        def argument_type(self: TyperArgument, ctx: Any) -> str | None:
+            return plain_placeholder(argument_shown(self, ctx))
+
+        TyperArgument.display_type_rich = argument_type  # type: ignore[method-assign]
+    if isinstance(getattr(TyperArgument, "display_name_raw", None), property):
+
+        def display_name(self: TyperArgument) -> str:
+            return self.metavar if self.metavar is not None else str(self.name or "").upper()
+
+        TyperArgument.display_name_raw = property(display_name)  # type: ignore[assignment]
+    if hasattr(TyperArgument, "_usage_display_name"):
+
+        def usage_name(self: TyperArgument) -> str:
+            name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+            return name + ("..." if self.nargs != 1 else "")
+
+        TyperArgument._usage_display_name = usage_name  # type: ignore[attr-defined]

@@ -22,7 +22,7 @@ def report_command(
         4, help="At most this many SAEs (the best of each architecture) get per-feature plots."
     ),
     seed: int = typer.Option(0, help="Seed of the re-evaluation samples and the heatmap's latent sample."),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     json_output: bool = typer.Option(False, "--json", help="One JSON line: path, sections shown and omitted, partial."),
     arch: list[str] = USER_ARCHS_OPTION,
     trust_code: bool = TRUST_CODE_OPTION,

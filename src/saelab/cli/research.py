@@ -161,7 +161,7 @@ def try_(
     max_minutes: float | None = typer.Option(None, help="Wall-time budget; the result is marked partial if spent."),
     eval_samples: str | None = typer.Option(None, help="Evaluation samples (default: the protocol's)."),
     metric: list[str] = typer.Option([], help="Also compare this metric (F1 and MCC always)."),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     estimate: bool = typer.Option(True, "--estimate/--no-estimate", help="Print the estimated wall time first."),
     json_output: bool = typer.Option(
         False, "--json", help="JSON lines: the estimate, then one per experiment (kind experiment)."
@@ -184,7 +184,7 @@ def try_(
                 note=note,
                 estimate=estimate,
                 on_estimate=estimate_printer(json_output, max_minutes),
-                progress=not json_output and jobs == 1 and max_minutes is None,
+                progress=not json_output,
             )
     except (KeyboardInterrupt, TrainingInterrupted) as err:
         raise _interrupted(err) from None
@@ -202,7 +202,7 @@ def try_(
 
 @research_app.command("log")
 def log(
-    directory: Path = typer.Argument(Path("."), metavar="[DIR]", help=DIR_HELP),
+    directory: Path = typer.Argument(Path("."), metavar="DIR", help=DIR_HELP),
     json_output: bool = typer.Option(False, "--json", help="One JSON line per experiment (kind experiment)."),
 ) -> None:
     """Every experiment in the workspace log, oldest first."""
@@ -235,7 +235,7 @@ def rerun_cmd(
     jobs: int | None = typer.Option(None, help="Seeds trained at once (default: as logged)."),
     max_minutes: float | None = typer.Option(None, help="Wall-time budget for the rerun."),
     note: str | None = typer.Option(None, help="Note for the new entry (default: 'rerun of ID')."),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     estimate: bool = typer.Option(True, "--estimate/--no-estimate", help="Print the estimated wall time first."),
     json_output: bool = typer.Option(False, "--json", help="JSON lines: the estimate, then one line (kind rerun)."),
 ) -> None:
@@ -258,7 +258,7 @@ def rerun_cmd(
                 device=resolve_device(device),
                 estimate=estimate,
                 on_estimate=estimate_printer(json_output, max_minutes),
-                progress=not json_output and (jobs or 1) == 1 and max_minutes is None,
+                progress=not json_output,
             )
     except (KeyboardInterrupt, TrainingInterrupted) as err:
         raise _interrupted(err) from None

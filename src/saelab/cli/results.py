@@ -165,6 +165,7 @@ def export(
     arch: list[str] = typer.Option([], help="Only these architectures (runs export)."),
     l0: list[str] = typer.Option([], help="Only these target L0s (runs export)."),
     reference: bool = typer.Option(True, "--reference/--no-reference", help="Include published rows (leaderboard)."),
+    json_output: bool = typer.Option(False, "--json", help="One JSON line: the file written, its format and rows."),
 ) -> None:
     """Write the complete runs (or the leaderboard) as CSV, JSON or Markdown."""
     from saelab.bench.export import export_leaderboard, export_runs, parse_export_format
@@ -179,6 +180,10 @@ def export(
     else:
         rows = results_store.runs(protocol=protocol, arch=arch or None, l0=_l0_filter(l0), status="complete")
         export_runs(rows, out_path, fmt)
+    what = "leaderboard" if board else "runs"
+    if json_output:
+        print_json({"kind": "export", "path": str(out_path), "format": fmt, "what": what, "rows": len(rows)})
+        return
     if not rows:
         console.print("warning: nothing matched; wrote an empty export")
     console.print(f"wrote {len(rows)} {'leaderboard rows' if board else 'runs'} to {out_path}")
@@ -192,6 +197,7 @@ def plot(
     protocol: str | None = typer.Option(None, help="Only this protocol."),
     reference: bool = typer.Option(False, "--reference", help="Add the published baselines as hollow markers."),
     title: str | None = typer.Option(None, help="Figure title."),
+    json_output: bool = typer.Option(False, "--json", help="One JSON line: the file written and what it plots."),
 ) -> None:
     """F1 vs L0 and MCC vs L0, one line per architecture (mean ± sd over seeds)."""
     from saelab.bench.paths import check_output_file
@@ -204,4 +210,16 @@ def plot(
     if not any(r["source"] == "saelab" for r in rows) and not reference:
         raise ConfigError("protocol", protocol, "has no complete runs to plot")
     plot_f1_vs_l0(rows, out_path, title=title)
+    if json_output:
+        ours = [r for r in rows if r["source"] == "saelab"]
+        print_json(
+            {
+                "kind": "plot",
+                "path": str(out_path),
+                "archs": sorted({str(r["arch"]) for r in ours}),
+                "points": len(ours),
+                "reference_points": len(rows) - len(ours),
+            }
+        )
+        return
     console.print(f"wrote {out_path}")

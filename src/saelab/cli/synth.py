@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from saelab.cli import app
 from saelab.cli.common import check_seed, json_safe, parse_count
+from saelab.cli.terminal import MediumConsole
 from saelab.devices import resolve_device
 from saelab.errors import ConfigError
 from saelab.formatting import format_mean_sd
@@ -146,7 +146,7 @@ def _describe_table(info: dict[str, Any]) -> None:
         row("children scaled by parent", str(h["scale_children_by_parent"]))
     row("build seconds", f"{info['build_seconds']:.2f}")
     row("samples used", f"{info['n_samples']}")
-    Console().print(table)
+    MediumConsole().print(table)  # on a file or a pipe: no 80-column cut
 
 
 def _describe_world_table(info: dict[str, Any]) -> None:
@@ -165,7 +165,7 @@ def _describe_world_table(info: dict[str, Any]) -> None:
         table.add_row(f"y variance from {part}", f"{info[f'{part}_var_fraction']:.4f}")
     table.add_row("build seconds", f"{info['build_seconds']:.2f}")
     table.add_row("samples used", f"{info['n_samples']}")
-    Console().print(table)
+    MediumConsole().print(table)  # on a file or a pipe: no 80-column cut
 
 
 @synth_app.command("sample")
@@ -178,6 +178,12 @@ def sample(
         None, "--out", help="Write a safetensors file: hidden (N×D) and the features as COO triples."
     ),
     threads: int | None = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's choice)."),
+    precision: str = typer.Option(
+        "auto",
+        "--precision",
+        help="auto, fp32 or bf16: the firing draw's correlation products under bf16 autocast (auto: where the "
+        "device has bf16 units); magnitudes and the hidden vectors stay fp32.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Draw samples, report build time and sampling throughput, optionally write them out."""
@@ -185,16 +191,26 @@ def sample(
     _positive("--batch-size", batch_size)
     _threads_ok(threads)
     device = resolve_device(device, "--device")
+    from saelab.devices import resolve_precision
+
+    used = resolve_precision(precision, device, "--precision")
     if out is not None:
         from saelab.bench.paths import check_output_file
 
         check_output_file(out, "--out")
     with torch_threads(threads):
-        _sample(source, n, batch_size, device, out, as_json, threads)
+        _sample(source, n, batch_size, device, out, as_json, threads, used)
 
 
 def _sample(
-    source: str, samples: int, batch_size: int, device: str, out: Path | None, as_json: bool, threads: int | None
+    source: str,
+    samples: int,
+    batch_size: int,
+    device: str,
+    out: Path | None,
+    as_json: bool,
+    threads: int | None,
+    precision: str = "fp32",
 ) -> None:
     model = load_source(source, device=device)
     world = isinstance(model, TranscoderWorld)
@@ -206,25 +222,28 @@ def _sample(
     total_out_nnz = 0
     _sync(model.device)
     t0 = time.perf_counter()
-    while done < samples:
-        bs = min(batch_size, samples - done)
-        if world:
-            h, y, acts, codes = model.sample_sparse(bs)
-            total_out_nnz += codes.nnz
+    # Only the draws run under autocast: the model above was built (and orthogonalised) in fp32.
+    low = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    with low:
+        while done < samples:
+            bs = min(batch_size, samples - done)
+            if world:
+                h, y, acts, codes = model.sample_sparse(bs)
+                total_out_nnz += codes.nnz
+                if out is not None:
+                    targets.append(y.cpu())
+                    out_rows.append(codes.batch_idx.cpu() + done)
+                    out_feats.append(codes.feature_idx.cpu())
+                    out_vals.append(codes.values.cpu())
+            else:
+                h, acts = model.sample_sparse(bs)
+            total_nnz += acts.nnz
             if out is not None:
-                targets.append(y.cpu())
-                out_rows.append(codes.batch_idx.cpu() + done)
-                out_feats.append(codes.feature_idx.cpu())
-                out_vals.append(codes.values.cpu())
-        else:
-            h, acts = model.sample_sparse(bs)
-        total_nnz += acts.nnz
-        if out is not None:
-            hidden.append(h.cpu())
-            rows.append(acts.batch_idx.cpu() + done)
-            feats.append(acts.feature_idx.cpu())
-            vals.append(acts.values.cpu())
-        done += bs
+                hidden.append(h.cpu())
+                rows.append(acts.batch_idx.cpu() + done)
+                feats.append(acts.feature_idx.cpu())
+                vals.append(acts.values.cpu())
+            done += bs
     _sync(model.device)
     seconds = time.perf_counter() - t0
     result: dict[str, Any] = {
@@ -239,6 +258,7 @@ def _sample(
         "sample_seconds": seconds,
         "samples_per_second": samples / seconds if seconds > 0 else float("inf"),
         "mean_l0": total_nnz / samples,
+        "compute_precision": precision,
     }
     if world:
         result.update(

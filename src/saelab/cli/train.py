@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from saelab.cli.common import (
     METRIC_COLUMNS,
     SYNTHETIC_METRICS,
     TRUST_CODE_OPTION,
+    arch_names_help,
     check_seed,
     out,
     parse_count,
@@ -23,18 +25,32 @@ from saelab.cli.common import (
 )
 from saelab.cli.options import config_command
 from saelab.errors import ConfigError
-from saelab.metrics.names import LANGUAGE_MODEL, ground_truth_keys, metric_keys, table_columns
+from saelab.metrics.names import (
+    LANGUAGE_MODEL,
+    TRANSCODER_RUN_METRICS,
+    ground_truth_keys,
+    metric_keys,
+    table_columns,
+)
 from saelab.runs.config import RunConfig
 
-JSON_KEYS = [*SYNTHETIC_METRICS, "samples_per_second", "run_dir"]
+JSON_KEYS = [*SYNTHETIC_METRICS, "samples_per_second", "compute_precision", "run_dir"]
 # Real activations: the synthetic line minus ground truth, plus the spliced-LM metrics when evaluated.
 REAL_METRICS = (*(k for k in SYNTHETIC_METRICS if k not in ground_truth_keys()), *metric_keys(LANGUAGE_MODEL))
-REAL_JSON_KEYS = [*REAL_METRICS, "samples_per_second", "run_dir"]
+REAL_JSON_KEYS = [*REAL_METRICS, "samples_per_second", "compute_precision", "run_dir"]
 REAL_COLUMNS = [("name", "SAE", "{}"), *table_columns(REAL_METRICS)]
+# Transcoders (--transcoder plain|skip, or a saved one on a transcoder world): the synthetic line plus the target's metrics.
+TRANSCODER_JSON_KEYS = [*SYNTHETIC_METRICS, *TRANSCODER_RUN_METRICS, *JSON_KEYS[len(SYNTHETIC_METRICS) :]]
+TRANSCODER_COLUMNS = [*METRIC_COLUMNS, *table_columns(TRANSCODER_RUN_METRICS)]
 
 
 # Config fields a run sets itself: an --option for them would contradict --width, the data or --device.
-RESERVED_OPTIONS = {"d_in": "the data's width", "d_sae": "--width", "device": "--device"}
+RESERVED_OPTIONS = {
+    "d_in": "the data's width",
+    "d_sae": "--width",
+    "device": "--device",
+    "d_out": "--transcoder (the targets' width)",
+}
 
 
 def _parse_options(options: list[str], archs: list[str]) -> dict[str, dict[str, object]]:
@@ -130,9 +146,10 @@ def _type_text(hint: object) -> str | None:
 
 
 @app.command()
-@config_command(RunConfig, exclude=("device",))
+@config_command(RunConfig, exclude=("device",), extra_help={"arch": arch_names_help()})
 def train(
     config: RunConfig,
+    ctx: typer.Context,
     device: str = typer.Option("cpu", metavar="TEXT", help="cpu, cuda or cuda:N."),
     option: list[str] = typer.Option(
         [], metavar="NAME=VALUE", help="Architecture option, NAME=VALUE (every arch) or ARCH.NAME=VALUE."
@@ -151,6 +168,9 @@ def train(
     from saelab.runs import run_training
     from saelab.saes.registry import arch_label
 
+    init_notes: list[str] = []
+    if config.init_from is not None:  # on --resume too: the same options must give the same config
+        config, init_notes = _init_from_defaults(config, ctx)
     cfg = dataclasses.replace(config, device=resolve_device(device), arch_options=_parse_options(option, config.arch))
     arch, data, model, cache, activations = cfg.arch, cfg.data, cfg.model, cfg.cache, cfg.activations
     real = not cfg.has_ground_truth
@@ -160,8 +180,15 @@ def train(
         out_dir = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{'-'.join(arch_label(a) for a in arch)}"
     if not resume:  # a bad --out fails now, not after training
         check_writable_dir(out_dir, "out")
+    if not json_output:
+        for note in init_notes:
+            out.print(note)
     result = run_training(cfg, out_dir, resume=resume, progress=not json_output)
-    keys = REAL_JSON_KEYS if real else JSON_KEYS
+    transcoder = cfg.transcoder != "none"
+    keys = REAL_JSON_KEYS if real else TRANSCODER_JSON_KEYS if transcoder else JSON_KEYS
+    from saelab.runs.warnings import budget_of_run, run_warnings
+
+    warned = {r["name"]: run_warnings(r, budget_of_run(cfg)) for r in result.results}
     if json_output:
         for record in result.results:
             print_json(
@@ -171,6 +198,7 @@ def train(
                     "arch": record["arch"],
                     "l0_target": record["l0_target"],
                     "run_dir": str(result.run_dir),
+                    "warnings": warned[record["name"]],  # runs/warnings.py: L0 off target, many dead latents
                 }
             )
         return
@@ -183,18 +211,70 @@ def train(
             )
         )
     else:
-        out.print(results_table(f"{data}: ground-truth metrics", result.results, METRIC_COLUMNS))
+        columns = TRANSCODER_COLUMNS if transcoder else METRIC_COLUMNS
+        out.print(results_table(f"{data}: ground-truth metrics", result.results, columns))
     out.print(f"{result.samples_per_second:,.0f} samples/s, {result.wall_seconds:.1f} s; run folder: {result.run_dir}")
+    for line in (w for ws in warned.values() for w in ws):
+        print(f"warning: {line}", file=sys.stderr, flush=True)  # plain print: one unwrapped line each
+
+
+def _init_from_defaults(config: RunConfig, ctx: typer.Context) -> tuple[RunConfig, list[str]]:
+    """--init-from: the folder's architecture, width and L0 stand in for --arch, --width and --l0 left
+    out; those given must agree with it. Returns the config and one line per architecture saying how
+    the pretrained weights become the SAE trained (runs/pretrained.py)."""
+    import dataclasses
+
+    from saelab.runs.pretrained import (
+        check_init_arch,
+        check_init_width,
+        describe_init,
+        load_pretrained_sae,
+        pretrained_info,
+    )
+    from saelab.saes.registry import get_sae_class
+
+    path = str(config.init_from)
+    pretrained = load_pretrained_sae(path)
+    info = pretrained_info(path, pretrained)
+
+    def given(name: str) -> bool:
+        source = ctx.get_parameter_source(name)  # click's ParameterSource (typer vendors its own copy)
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    changes: dict[str, Any] = {}
+    if not given("arch"):
+        changes["arch"] = [info.architectures[0]]
+    if not given("width"):
+        changes["width"] = info.d_sae
+    if not given("l0"):
+        if info.l0 is None:
+            raise ConfigError("l0", None, f"{path} records no target L0: pass --l0 (the L0 to fine-tune toward)")
+        changes["l0"] = [info.l0]
+    config = dataclasses.replace(config, **changes) if changes else config
+    for arch in config.arch:
+        check_init_arch(arch, info)
+    check_init_width(info, config.width)
+    notes = [describe_init(pretrained, get_sae_class(arch), path) for arch in dict.fromkeys(config.arch)]
+    return config, notes
 
 
 @app.command("eval")
 def eval_command(
-    sae: Path = typer.Option(..., help="An SAE folder (saelab's or SAELens's cfg.json + sae_weights.safetensors)."),
-    data: str = typer.Option("synth-mini", help="Synthetic preset or saved synthetic-model folder."),
+    sae: Path = typer.Option(
+        ...,
+        help="An SAE folder: saelab's or SAELens's, Gemma Scope, dictionary_learning, sparsify or Llama Scope.",
+    ),
+    data: str = typer.Option(
+        "synth-mini", help="Synthetic preset or saved model folder; a transcoder world (tc-mini) for transcoders."
+    ),
     samples: str = typer.Option("100k", help="Evaluation samples."),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("cpu"),
-    json_output: bool = typer.Option(False, "--json"),
+    seed: int = typer.Option(0, help="Seed of the evaluation samples."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    precision: str = typer.Option(
+        "auto",
+        help="auto, fp32 or bf16: the SAE's matmuls under bf16 autocast (auto: where the device has bf16 units).",
+    ),
+    json_output: bool = typer.Option(False, "--json", help="One JSON line with the scores."),
     arch: str | None = typer.Option(
         None,
         "--arch",
@@ -202,26 +282,38 @@ def eval_command(
     ),
     trust_code: bool = TRUST_CODE_OPTION,
 ) -> None:
-    """Score any saved SAE against a synthetic model's ground truth."""
-    from saelab.devices import resolve_device
-    from saelab.metrics import evaluate_sae_on_synthetic
-    from saelab.saes.saelens_format import load_sae
+    """Score any saved SAE (or transcoder, on a transcoder world) against a synthetic model's ground truth."""
+    import torch
+
+    from saelab.devices import resolve_device, resolve_precision
+    from saelab.runs.evaluate import score_on_ground_truth
+    from saelab.saes.formats import load_pretrained
     from saelab.synthetic import load_source
 
     check_seed(seed)
     device = resolve_device(device)
+    used_precision = resolve_precision(precision, device)
     n = parse_count(samples)
-    loaded = load_sae(
+    loaded = load_pretrained(
         sae, device=device, arch=arch, trust_code=trust_code
     )  # before the model: a bad folder fails before a preset is built
     model = load_source(data, device=device)
     if loaded.cfg.d_in != model.hidden_dim:
         raise ConfigError("sae", str(sae), f"has d_in={loaded.cfg.d_in} but {data} has hidden_dim={model.hidden_dim}")
     start = time.perf_counter()
-    result: dict[str, Any] = evaluate_sae_on_synthetic(loaded, model, n, seed=seed).to_dict()
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=used_precision == "bf16"):
+        result: dict[str, Any] = score_on_ground_truth(loaded, model, n, seed=seed)  # a transcoder world too
     wall = time.perf_counter() - start
-    result.update({"samples_per_second": n / max(wall, 1e-9), "run_dir": str(sae), "name": sae.name})
+    result.update(
+        {
+            "samples_per_second": n / max(wall, 1e-9),
+            "compute_precision": used_precision,
+            "run_dir": str(sae),
+            "name": sae.name,
+        }
+    )
+    transcoder = loaded.cfg.d_out is not None
     if json_output:
-        print_json({k: result.get(k) for k in JSON_KEYS})
+        print_json({k: result.get(k) for k in (TRANSCODER_JSON_KEYS if transcoder else JSON_KEYS)})
         return
-    out.print(results_table(f"{sae} on {data}", [result], METRIC_COLUMNS))
+    out.print(results_table(f"{sae} on {data}", [result], TRANSCODER_COLUMNS if transcoder else METRIC_COLUMNS))

@@ -6,7 +6,7 @@ package; the trainer, runs, diagnostics and CLI reach data only through it.
 
 from saelab.data.open import OpenedData, open_data
 from saelab.data.protocol import ActivationSource, PairedSource, is_paired
-from saelab.data.sources import SyntheticSource, TensorSource
+from saelab.data.sources import SyntheticSource, TensorSource, synthetic_stream
 from saelab.data.spec import DataSpec
 
 __all__ = [
@@ -18,4 +18,5 @@ __all__ = [
     "TensorSource",
     "is_paired",
     "open_data",
+    "synthetic_stream",
 ]

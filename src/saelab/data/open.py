@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from saelab.data.protocol import ActivationSource
-from saelab.data.sources import SyntheticSource
+from saelab.data.protocol import ActivationSource, is_paired
+from saelab.data.sources import synthetic_stream
 from saelab.data.spec import DataSpec
 from saelab.errors import ConfigError
 from saelab.parallel import rank_and_world, split_batch
@@ -61,6 +61,8 @@ class OpenedData:
         """n held-out rows: fresh samples of a forked synthetic stream, held-out file rows, or LM rows."""
         if self.ground_truth is not None:
             with self.ground_truth.forked_stream(seed):
+                if is_paired(self.ground_truth):  # a transcoder world: its inputs
+                    return self.ground_truth.next_batch(n)
                 return self.ground_truth.sample(n)
         if self.held_out_ND is not None:
             return self.held_out_ND[:n]
@@ -99,8 +101,8 @@ def open_data(
     if spec.kind == "synthetic":
         from saelab.synthetic import load_source
 
-        model = load_source(spec.data, device=device)
-        source = SyntheticSource(model, seed=seed + SYNTHETIC_STREAM_RANK_STRIDE * rank)
+        model = load_source(spec.data, device=device)  # a transcoder world is its own paired stream
+        source = synthetic_stream(model, seed=seed + SYNTHETIC_STREAM_RANK_STRIDE * rank)
         return OpenedData(spec=spec, d_in=source.d_in, source=source, identity={"data": spec.data}, ground_truth=model)
 
     if hooked is None and spec.model:

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from saelab.data.protocol import ActivationSource, is_paired
 from saelab.errors import ConfigError
 
 
@@ -66,3 +67,12 @@ class SyntheticSource:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.generator.set_state(state["generator"])
+
+
+def synthetic_stream(model: Any, seed: int) -> ActivationSource:
+    """The training stream of a ground-truth model, started at `seed`: a `SyntheticSource`, or for a
+    transcoder world the world itself (a paired source: `next_batch` gives inputs, `next_pair` pairs)."""
+    if is_paired(model):
+        model.manual_seed(int(seed))
+        return model
+    return SyntheticSource(model, seed=seed)

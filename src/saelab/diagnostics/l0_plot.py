@@ -22,7 +22,7 @@ def l0_sweep_figure(sweep: L0SweepResult) -> Any:
     l0s = [p.l0_target for p in sweep.points]
     has_gt = any("mcc" in p.ground_truth for p in sweep.points)
     ncols = 3 if has_gt else 2
-    fig = new_figure(5.2 * ncols, 4.2, dpi=FILE_DPI)
+    fig = new_figure(5.2 * ncols, 5.2, dpi=FILE_DPI)  # room below the panels for their legends
     axes = fig.subplots(1, ncols)
     ax = axes[0]
     cmap = matplotlib.colormaps["viridis"]
@@ -58,12 +58,14 @@ def l0_sweep_figure(sweep: L0SweepResult) -> Any:
                 label=f"true L0 (first {sweep.width} features) = {sweep.true_l0_first_width:.1f}",
             )
         a.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
+    # Legends under their panels, never over the curves (the curves fill the whole plotting area).
+    below = {"fontsize": 7, "loc": "upper center", "bbox_to_anchor": (0.5, -0.16), "frameon": False}
+    axes[0].legend(ncol=2, **below)
     h1, l1 = ax2.get_legend_handles_labels()
     h2, l2 = ax2b.get_legend_handles_labels()
-    ax2.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper center")
+    ax2.legend(h1 + h2, l1 + l2, **below)
     if has_gt:
-        axes[2].legend(fontsize=7)
+        axes[2].legend(**below)
     fig.suptitle(f"L0 sweep: {sweep.arch} width {sweep.width} on {sweep.data}")
     fig.tight_layout()
     return fig

@@ -145,13 +145,14 @@ def diagnose_run(
     device: str = "cpu",
     trust_code: bool = False,
 ) -> list[dict[str, Any]]:
-    """Diagnose each SAE folder; write `<out_dir>/<name>.png` plots and `<out_dir>/diagnostics.json`.
+    """Diagnose each SAE folder (any format `load_pretrained` reads); write `<out_dir>/<name>.png` plots and
+    `<out_dir>/diagnostics.json`.
 
     `trust_code`: import the class a folder's cfg.json names if it is not registered (see `load_sae`)."""
     from saelab.diagnostics.absorption import plot_hierarchy_diagnostics
     from saelab.diagnostics.data import resolve_data
     from saelab.io import write_json_atomic
-    from saelab.saes.saelens_format import load_sae
+    from saelab.saes.formats import load_pretrained
 
     folders = list(folders)
     if only:
@@ -165,7 +166,7 @@ def diagnose_run(
     results = []
     full = {}
     for folder in folders:
-        sae = load_sae(folder, device=device, trust_code=trust_code)
+        sae = load_pretrained(folder, device=device, trust_code=trust_code)
         row, diag = diagnose_sae(
             sae, handle, n_samples=n_samples, n=n, parent_cos=parent_cos, top_features=top_features, seed=seed
         )

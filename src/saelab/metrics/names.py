@@ -268,3 +268,5 @@ RUN_IDENTITY = ("run_id", "protocol", "arch", "l0_target", "seed")
 RUN_METRICS = ("f1", "precision", "recall", "mcc", "uniqueness", "explained_variance", "l0", "dead_latents")
 SUMMARY_METRICS = ("f1", "mcc", "uniqueness", "explained_variance", "l0", "dead_latents")
 SHORT_METRICS = ("f1", "mcc", "explained_variance", "l0", "dead_latents")
+# What a transcoder run reports besides RUN_METRICS (its explained_variance is the target's, 1 − fvu).
+TRANSCODER_RUN_METRICS = ("fvu", "skip_rel_error", "skip_norm", "computing_features_recovered")

@@ -7,6 +7,7 @@ no training history), so a reader always sees what is missing and why.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 from dataclasses import dataclass, field
@@ -146,10 +147,10 @@ class _Analysis:
             return self._saes[key]
         sae = None
         if entry.folder is not None:
-            from saelab.saes.saelens_format import load_sae
+            from saelab.saes.formats import load_pretrained
 
             try:
-                sae = load_sae(entry.folder, device=self.device, trust_code=self.trust_code)
+                sae = load_pretrained(entry.folder, device=self.device, trust_code=self.trust_code)
             except SaelabError as err:
                 self.src.partial.append(f"SAE {entry.name} could not be loaded: {err}")
                 entry.missing_reason, entry.folder = str(err), None
@@ -211,26 +212,47 @@ def _leaderboard(a: _Analysis) -> Section:
         "Leaderboard",
         "saelab's runs (bold: the best) beside the published SynthSAEBench-16k reference rows (italic: "
         "16k protocol, width 4,096, 200M samples — only rows of the same protocol compare directly). "
-        "Mean ± sd over seeds. Click a column header to sort.",
+        "Mean ± sd over seeds; a run on a budget other than its protocol's is its own row (samples: "
+        "its budget, with the protocol's in brackets). Click a column header to sort.",
     )
     rows = a.src.leaderboard
     if not any(r.get("source") == "saelab" and r.get("f1_mean") is not None for r in rows):
         s.omitted = _no_gt_reason(a)
         return s
+    eval_counts = sorted({int(n) for e in a.src.entries if (n := _num(e.metrics.get("n_samples"))) is not None})
+    if eval_counts:
+        counts = " or ".join(f"{n:,}" for n in eval_counts)
+        s.lead += (
+            f" L0 and dead latents (never firing) are measured by each run's final evaluation, on {counts} fresh "
+            "samples; sections below that re-evaluate say on how many."
+        )
     metrics = [METRICS[k] for k in LEADERBOARD_METRICS]
-    headers = [("source · protocol", "text"), ("arch", "text"), ("L0 target", "num"), ("seeds", "num")]
+    headers = [
+        ("source · protocol", "text"),
+        ("arch", "text"),
+        ("L0 target", "num"),
+        ("samples", "num"),
+        ("seeds", "num"),
+    ]
     several = any((r.get("n_seeds") or 0) > 1 for r in rows if r.get("source") == "saelab")
     headers += [(m.label, "num") for m in metrics] + ([("best F1", "num")] if several else []) + [("note", "text")]
     body, classes = [], []
     best_f1 = max(r["f1_mean"] for r in rows if r.get("source") == "saelab" and r.get("f1_mean") is not None)
     # saelab's rows first (best F1 first), then the published ones: the reader came for their own runs
     rows = sorted(rows, key=lambda r: r.get("source") != "saelab")
+    from saelab.bench.export import format_budget
+    from saelab.bench.protocols import PROTOCOLS
+
     for r in rows:
         src_proto = f"{r.get('source')} · {r.get('protocol')}"
+        samples = r.get("samples")
+        if samples is None and r.get("source") == "published" and r.get("protocol") in PROTOCOLS:
+            samples = PROTOCOLS[str(r["protocol"])].samples  # the published runs trained the protocol's budget
         cells = [
             (esc(src_proto), src_proto),
             (esc(r.get("arch")), r.get("arch")),
             (f"{r['l0_target']:g}", r["l0_target"]),
+            (esc(format_budget(samples, r.get("protocol_samples"))), samples),
             (_fmt(r.get("n_seeds")), r.get("n_seeds")),
         ]
         for m in metrics:
@@ -260,7 +282,7 @@ def _tradeoff(a: _Analysis) -> Section:
         "(recall falls); too high lets them fire on features that are not theirs (precision falls): the "
         "L0 that balances the two is where F1 peaks.",
     )
-    gt = [e for e in a.src.entries if e.has_ground_truth]
+    gt = _by_budget([e for e in a.src.entries if e.has_ground_truth])
     if not gt:
         s.omitted = _no_gt_reason(a)
         return s
@@ -280,6 +302,20 @@ def _tradeoff(a: _Analysis) -> Section:
             "sweep L0 (e.g. <code>saelab bench --l0 8 10 12 14 16</code>) to see the trade-off.</p>"
         )
     return s
+
+
+def _by_budget(entries: list[SAEEntry]) -> list[SAEEntry]:
+    """Entries whose architecture ran on several budgets, renamed 'arch · 1.5M' so the figures keep budgets apart
+    (a 100k-sample run is no extra seed of a 6M one)."""
+    from saelab.bench.export import format_budget
+
+    budgets: dict[str, set[int | None]] = {}
+    for e in entries:
+        budgets.setdefault(e.arch, set()).add(e.samples)
+    return [
+        dataclasses.replace(e, arch=f"{e.arch} · {format_budget(e.samples)}") if len(budgets[e.arch]) > 1 else e
+        for e in entries
+    ]
 
 
 def _no_gt_reason(a: _Analysis) -> str:
@@ -407,7 +443,9 @@ def _dictionary(a: _Analysis, heatmap_latents: int) -> Section:
         Figure(
             figs.best_cos_figure(per_sae),
             "best |cos| of each latent with a true feature",
-            f"Right: {esc(per_sae[0][0])}; a dead latent never fired on the {a.eval_samples:,} re-evaluation samples.",
+            f"Right: {esc(per_sae[0][0])}; a dead latent never fired on the {a.eval_samples:,} re-evaluation samples"
+            + _dead_elsewhere(next(x for x in focus if x.name == per_sae[0][0]), a.eval_samples)
+            + ".",
         ).html()
     )
     e = next(x for x in focus if x.name == per_sae[0][0])
@@ -428,10 +466,20 @@ def _dictionary(a: _Analysis, heatmap_latents: int) -> Section:
     return s
 
 
+def _dead_elsewhere(e: SAEEntry, eval_samples: int) -> str:
+    """Why this section's dead count may differ from the leaderboard's: another number of samples."""
+    dead, n = _num(e.metrics.get("dead_latents")), _num(e.metrics.get("n_samples"))
+    if dead is None:
+        return ""
+    where = f"its run's final evaluation on {int(n):,} samples" if n is not None else "its run's final evaluation"
+    why = "" if n is None or int(n) == eval_samples else " (a latent that fires rarely can be silent on fewer samples)"
+    return f"; the leaderboard's count for this SAE, {dead:.0f}, comes from {where}{why}"
+
+
 def _sweep_group(a: _Analysis) -> list[SAEEntry]:
     groups: dict[tuple, dict[float, SAEEntry]] = {}
     for e in a.on_disk():
-        groups.setdefault((e.protocol, e.arch, e.seed, e.data, e.width), {})[e.l0_target] = e
+        groups.setdefault((e.protocol, e.arch, e.seed, e.data, e.width, e.samples), {})[e.l0_target] = e
     best = max(groups.values(), key=len, default={})
     return [best[k] for k in sorted(best)] if len(best) >= 2 else []
 
@@ -511,11 +559,26 @@ def _l0_sweep(a: _Analysis) -> Section:
 
 
 def _training(a: _Analysis) -> Section:
-    s = Section("training", "Training curves", "Logged during training (per logging interval), one line per SAE.")
-    names = [e.name for e in a.src.entries] or []
+    s = Section(
+        "training",
+        "Training curves",
+        "Logged during training on the training batches (per logging interval), one colour per SAE. These are "
+        "not the final figures: a TopK-family SAE's training L0 is k by construction (its inference threshold is "
+        "set at the end), and AuxK counts a latent dead only after it is silent for its dead window of steps, "
+        "so a run shorter than that shows 0 dead however many latents are silent. The silent count (no firing "
+        "in the last 100k training samples, or the last half of a shorter run) estimates the final dead count; "
+        "the diamonds are the final evaluation: the inference SAE on fresh samples, the figures the leaderboard "
+        "shows.",
+    )
+    best_dir = a.src.store_summary.get("best_run_dir") if a.src.kind == "store" else None
+    shown = [e for e in a.src.entries if best_dir is None or str(e.run_dir) == best_dir]  # the history's run
+    names = list(dict.fromkeys(e.name for e in shown))
     if not names:
         names = sorted({k.split("/")[0] for h in a.src.history for k in h if "/" in k})
-    png = figs.history_figure(a.src.history, names) if a.src.history else None
+    finals = {e.name: e.metrics for e in shown if e.metrics}
+    window = _num(a.src.run_config.get("dead_feature_window"))
+    png = figs.history_figure(a.src.history, names, finals, int(window) if window else None) if a.src.history else None
+    s.body.extend(_warnings_html(a))
     if png is None:
         where = "the best run's folder" if a.src.kind == "store" else "run.json"
         s.omitted = f"{where} has no training history" + (
@@ -526,6 +589,37 @@ def _training(a: _Analysis) -> Section:
         return s
     s.body.append(Figure(png, "loss, L0, explained variance and dead latents during training").html())
     return s
+
+
+def _warnings_html(a: _Analysis, limit: int = 20) -> list[str]:
+    """The end-of-run warnings (runs/warnings.py) of every SAE in the source, as one list."""
+    from saelab.runs.warnings import RunBudget, run_warnings
+
+    lines = []
+    for e in a.src.entries:
+        cfg = e.run_config
+        if not e.metrics or not e.width:
+            continue
+        budget = RunBudget(
+            width=int(e.width),
+            samples=e.samples,
+            batch_size=_int(cfg.get("batch_size")),
+            dead_feature_window=_int(cfg.get("dead_feature_window")),
+            protocol=e.protocol if a.src.kind == "store" else None,
+            protocol_samples=e.protocol_samples,
+        )
+        seed = f"seed {e.seed}: " if a.src.kind == "store" else ""
+        lines += [seed + w for w in run_warnings({**e.metrics, "name": e.name}, budget)]
+    if not lines:
+        return []
+    more = f"<li>… and {len(lines) - limit} more</li>" if len(lines) > limit else ""
+    items = "".join(f"<li>{esc(w)}</li>" for w in lines[:limit])
+    return [f'<div class="banner" id="run-warnings"><strong>Warnings</strong><ul>{items}{more}</ul></div>']
+
+
+def _int(value: Any) -> int | None:
+    v = _num(value)
+    return None if v is None else int(v)
 
 
 def _geometry(a: _Analysis) -> Section:
@@ -613,6 +707,8 @@ def _provenance(a: _Analysis) -> Section:
         ("wall time", _duration(env.get("wall_seconds"))),
         ("config hash", env.get("config_hash")),
     ]
+    if env.get("bench_config_hash"):
+        items.append(("bench config hash (run config + protocol defaults)", env["bench_config_hash"]))
     if a.src.kind == "store":
         ss = a.src.store_summary
         items = [
@@ -630,14 +726,68 @@ def _provenance(a: _Analysis) -> Section:
     cfg = env.get("config") or {}
     if isinstance(cfg, dict) and cfg:
         s.body.append('<h3 style="font-size:14px;margin:14px 0 4px">Configuration</h3>')
-        flat = []
-        for k, v in cfg.items():
-            if isinstance(v, dict):
-                flat += [(f"{k}.{k2}", v2) for k2, v2 in v.items()]
-            else:
-                flat.append((k, v))
-        s.body.append(key_values(flat))
+        s.body.append(key_values(_config_items(a, cfg)))
     return s
+
+
+def _config_items(a: _Analysis, cfg: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The run's settings (floats to 4 significant digits, the LR schedule in words), then, for a bench run, the
+    protocol's defaults, labelled as such: a protocol's `seeds` is how many it recommends, not how many ran."""
+    raw_run, raw_proto = cfg.get("run"), cfg.get("protocol")
+    run: dict[str, Any] = raw_run if isinstance(raw_run, dict) else cfg
+    proto = raw_proto if isinstance(raw_proto, dict) else None
+    items: list[tuple[str, Any]] = []
+    for k, v in run.items():
+        items.append((k, describe_lr_schedule(run) if k == "lr_schedule" else _short(v)))
+    if proto is not None:
+        seeds = _seeds_run(a)
+        if seeds:
+            items.append(("seeds run (this arch, L0 and budget)", f"{len(seeds)}: {', '.join(map(str, seeds))}"))
+        for k, v in proto.items():
+            label = "protocol" if k == "name" else f"protocol default: {k}"
+            if k == "seeds":
+                label = "protocol default: seeds (recommended; see seeds run)"
+            items.append((label, _short(v)))
+    return items
+
+
+def _seeds_run(a: _Analysis) -> list[int]:
+    """Seeds in the source of the (protocol, arch, L0, budget) the provenance describes (the best run's)."""
+    run_id = a.src.envelope.get("run_id")
+    best = next((e for e in a.src.entries if e.metrics.get("run_id") == run_id), None)
+    if best is None:
+        return sorted({e.seed for e in a.src.entries})
+    same = (best.protocol, best.arch, best.l0_target, best.samples)
+    return sorted({e.seed for e in a.src.entries if (e.protocol, e.arch, e.l0_target, e.samples) == same})
+
+
+def describe_lr_schedule(cfg: dict[str, Any]) -> str:
+    """'constant 0.002, then linear decay to 0 over the final 33.3% of steps' from a run config's LR fields:
+    `lr_schedule` alone says constant for a schedule that decays through `lr_decay_fraction`."""
+    lr = _num(cfg.get("lr"))
+    kind = str(cfg.get("lr_schedule") or "constant")
+    text = f"{kind} {_short(lr)}" if lr is not None else kind
+    if kind == "cosine":
+        end = _num(cfg.get("lr_end_factor"))
+        text += f" (down to {_short(end)} × lr)" if end is not None else ""
+    warmup = _num(cfg.get("lr_warmup_steps"))
+    if warmup:
+        text = f"linear warm-up over {warmup:,.0f} steps, then {text}"
+    decay = _num(cfg.get("lr_decay_fraction"))
+    if decay:
+        text += f", then linear decay to 0 over the final {100 * decay:.3g}% of steps"
+    return text
+
+
+def _short(value: Any) -> Any:
+    """Floats to 4 significant digits (0.3333, 0.002), also inside lists and dicts; everything else as is."""
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f"{value:.4g}")
+    if isinstance(value, (list, tuple)):
+        return [_short(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _short(v) for k, v in value.items()}
+    return value
 
 
 # ------------------------------------------------------------------------------------------------ entry point

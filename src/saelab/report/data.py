@@ -41,6 +41,9 @@ class SAEEntry:
     run_dir: Path | None = None
     width: int | None = None
     missing_reason: str | None = None  # why `folder` is None
+    samples: int | None = None  # training budget (a run of another budget is another entry)
+    protocol_samples: int | None = None  # the budget of the protocol it was benched under (None: a plain run)
+    run_config: dict[str, Any] = field(default_factory=dict)  # the RunConfig it was trained with, as recorded
 
     @property
     def has_ground_truth(self) -> bool:
@@ -250,6 +253,8 @@ def load_run_folder(run_dir: Path) -> ReportSource:
                 run_dir=run_dir,
                 width=cfg.get("width"),
                 missing_reason=reason,
+                samples=_int_or_none(cfg.get("samples")),
+                run_config=cfg,
             )
         )
     if status == "running" and not entries:
@@ -284,6 +289,7 @@ def _run_leaderboard(entries: list[SAEEntry]) -> list[dict[str, Any]]:
                 "protocol": e.protocol,
                 "arch": e.arch,
                 "l0_target": e.l0_target,
+                "samples": e.samples,
                 "n_seeds": stats.pop("n"),
                 **stats,
                 "citation": None,
@@ -291,6 +297,21 @@ def _run_leaderboard(entries: list[SAEEntry]) -> list[dict[str, Any]]:
             }
         )
     return sort_leaderboard(rows + reference_rows(None))
+
+
+def _run_config_hash(cfg: Any) -> str | None:
+    """`config_hash` of the run config inside a bench envelope {"protocol": ..., "run": ...}: run.json's hash."""
+    from saelab.provenance import config_hash
+
+    run = cfg.get("run") if isinstance(cfg, dict) else None
+    return config_hash(run) if isinstance(run, dict) else None
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------------- store
@@ -328,11 +349,14 @@ def load_store(path: Path) -> ReportSource:
             f"run {r['run_id']} ({r['protocol']} {r['arch']} L0 {r['l0_target']:g} seed {r['seed']}) "
             f"is {r['status']}: {why}"
         )
-    # the latest complete run of each (protocol, arch, L0, seed), as the leaderboard counts them
+    # the latest complete run of each (protocol, arch, L0, budget, seed), as the leaderboard counts them: a run
+    # on another budget is its own entry, never a replacement (bench.leaderboard.group_key)
+    from saelab.bench.leaderboard import budget_of, group_key, protocol_budget_of
+
     latest: dict[tuple, dict[str, Any]] = {}
     for r in runs:
         if r["status"] == "complete":
-            latest[(r["protocol"], r["arch"], r["l0_target"], r["seed"])] = r
+            latest[(r["protocol"], *group_key(r), r["seed"])] = r
     entries = []
     for r in latest.values():
         metrics = dict(r.get("metrics") or {})
@@ -364,6 +388,9 @@ def load_store(path: Path) -> ReportSource:
                 run_dir=run_dir,
                 width=run_cfg.get("width"),
                 missing_reason=reason,
+                samples=budget_of(r),
+                protocol_samples=protocol_budget_of(r),
+                run_config=run_cfg if isinstance(run_cfg, dict) else {},
             )
         )
     board = store.leaderboard(None, include_reference=True)
@@ -376,7 +403,10 @@ def load_store(path: Path) -> ReportSource:
         "commit": best_run.get("commit"),
         "hardware": best_run.get("hardware"),
         "time": best_run.get("started_at"),
-        "config_hash": best_run.get("config_hash"),
+        # the run config's hash, as the run folder's run.json records it; the store's own hash also covers the
+        # protocol's defaults (`bench_config_hash`), so it differs for the same run
+        "config_hash": _run_config_hash(best_run.get("config")),
+        "bench_config_hash": best_run.get("config_hash"),
         "wall_seconds": best_run.get("wall_seconds"),
         "status": best_run.get("status"),
         "run_id": best_run.get("run_id"),

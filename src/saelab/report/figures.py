@@ -15,6 +15,7 @@ import torch
 
 from saelab.metrics.names import METRICS
 from saelab.plotting import figure_png_bytes, new_figure
+from saelab.training.trainer import SILENT_WINDOW_SAMPLES
 
 DEPTH_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
 NO_DEPTH_COLOUR = "#9e9e9e"
@@ -237,38 +238,113 @@ def similarity_heatmap_figure(
 
 
 # ----------------------------------------------------------------------------------------- training
-HISTORY_KEYS = [("loss", "training loss (log scale)", True)] + [
-    (key, METRICS[key].axis_label, False) for key in ("l0", "explained_variance", "dead_latents")
+# (history key, panel title, y label, log scale). The trainer logs training-batch figures: a TopK-family SAE's L0
+# there is k by construction, and AuxK's dead count stays 0 until a run passes its dead window, so each panel says
+# what it plots, and the final evaluation's values (inference SAE, fresh samples) are drawn beside the curves.
+HISTORY_PANELS = [
+    ("loss", "Training loss", "training loss (log scale)", True),
+    ("l0", "L0 on training batches", METRICS["l0"].axis_label, False),
+    ("explained_variance", "Explained variance on training batches", METRICS["explained_variance"].axis_label, False),
+    ("dead_latents", "Dead latents during training", "latents (count)", False),
 ]
+FINAL_MARKER = {"marker": "D", "s": 46, "edgecolors": "black", "linewidths": 0.8, "zorder": 4}
 
 
-def history_figure(history: Sequence[dict[str, Any]], names: Sequence[str]) -> bytes | None:
-    """Loss, L0, explained variance and dead latents against the training step, one line per SAE."""
+def history_figure(
+    history: Sequence[dict[str, Any]],
+    names: Sequence[str],
+    finals: dict[str, dict[str, Any]] | None = None,
+    dead_window: int | None = None,
+) -> bytes | None:
+    """`training_curves_figure` as PNG bytes (None without a training history)."""
+    fig = training_curves_figure(history, names, finals, dead_window)
+    return None if fig is None else figure_png_bytes(fig)
+
+
+def training_curves_figure(
+    history: Sequence[dict[str, Any]],
+    names: Sequence[str],
+    finals: dict[str, dict[str, Any]] | None = None,
+    dead_window: int | None = None,
+) -> Any:
+    """Loss, L0, explained variance and dead latents against the training step, one colour per SAE.
+
+    `finals[name]`: the SAE's final evaluation (l0, explained_variance, dead_latents, n_samples), drawn as a
+    diamond at the last step. The dead panel plots `silent_latents` (no firing in the last 100k training samples:
+    the estimate of the final "dead", never firing on the evaluation samples) solid, and AuxK's `dead_latents`
+    (silent for more than `dead_window` steps) dashed."""
     rows = [h for h in history if "step" in h and "eval" not in h]
     if not rows:
         return None
-    present = [(k, lab, log) for k, lab, log in HISTORY_KEYS if any(f"{n}/{k}" in h for h in rows for n in names)]
+    finals = finals or {}
+
+    def has(key: str) -> bool:
+        keys = (key, "silent_latents") if key == "dead_latents" else (key,)
+        return any(_logged(rows, n, k) for n in names for k in keys)
+
+    present = [p for p in HISTORY_PANELS if has(p[0])]
     if not present:
         return None
-    fig = new_figure(11.5, 6.4)
+    last_step = max(h["step"] for h in rows)
+    fig = new_figure(11.5, 7.0)
     axes = fig.subplots(2, 2)
-    for ax, (key, label, log) in zip(axes.flat, present):
+    eval_samples = sorted({int(f["n_samples"]) for f in finals.values() if _is_number(f.get("n_samples"))})
+    on_eval = f" on {eval_samples[0]:,} samples" if len(eval_samples) == 1 else ""
+    style_handles: dict[str, Any] = {}
+    for ax, (key, title, label, log) in zip(axes.flat, present):
         for i, name in enumerate(names):
-            pts = [(h["step"], h[f"{name}/{key}"]) for h in rows if h.get(f"{name}/{key}") is not None]
-            if pts:
-                ax.plot(*zip(*pts), color=f"C{i % 10}", label=name, lw=1.3)
+            colour = f"C{i % 10}"
+            main_key = "silent_latents" if key == "dead_latents" and _logged(rows, name, "silent_latents") else key
+            pts = _points(rows, name, main_key)
+            if pts:  # a marker on each point of a short run (a line through one point shows nothing)
+                ax.plot(*zip(*pts), color=colour, label=name, lw=1.3, marker="o" if len(pts) < 8 else None, ms=3)
+            if main_key == "silent_latents":
+                auxk = _points(rows, name, "dead_latents")
+                if auxk:
+                    h = ax.plot(*zip(*auxk), color=colour, lw=1.0, ls="--", alpha=0.8)[0]
+                    window = f" > {dead_window:,} steps" if dead_window else ""
+                    style_handles.setdefault(f"dashed: AuxK dead (silent{window})", h)
+            final = finals.get(name, {}).get(key)
+            if key != "loss" and isinstance(final, (int, float)) and _is_number(final):
+                h = ax.scatter([last_step], [float(final)], color=colour, **FINAL_MARKER)
+                style_handles.setdefault(f"final evaluation (inference SAE{on_eval})", h)
+        if key == "dead_latents" and any(_logged(rows, n, "silent_latents") for n in names):
+            title = "Silent and dead latents during training"
+            style_handles.setdefault(
+                f"solid: silent on the last {SILENT_WINDOW_SAMPLES // 1000}k training samples or half the run "
+                "(estimates the final dead)",
+                ax.plot([], [], color="grey", lw=1.3)[0],
+            )
         if log:
             ax.set_yscale("log")
-        ax.set_title(label.split(" (")[0][0].upper() + label.split(" (")[0][1:] + " during training")
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("training step (batches)")
-        ax.set_ylabel(label)
+        ax.set_ylabel(label, fontsize=9)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(present) :]:
         ax.axis("off")
+    # Legends below the panels, never over the curves: SAEs (colours), then what the line styles and markers mean.
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    axes.flat[0].legend(handles, labels, fontsize=7)
-    fig.tight_layout()
-    return figure_png_bytes(fig)
+    handles += list(style_handles.values())
+    labels += list(style_handles)
+    ncol = min(4 if max(len(t) for t in labels) < 40 else 2, max(1, len(labels)))  # long labels: 2 columns fit
+    n_rows = math.ceil(len(labels) / ncol)
+    bottom = min(0.35, 0.03 + 0.035 * n_rows)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    return fig
+
+
+def _logged(rows: Sequence[dict[str, Any]], name: str, key: str) -> bool:
+    return any(h.get(f"{name}/{key}") is not None for h in rows)
+
+
+def _points(rows: Sequence[dict[str, Any]], name: str, key: str) -> list[tuple[float, float]]:
+    return [(h["step"], h[f"{name}/{key}"]) for h in rows if _is_number(h.get(f"{name}/{key}"))]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ----------------------------------------------------------------------------------------- geometry

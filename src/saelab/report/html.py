@@ -45,6 +45,9 @@ thead th[aria-sort="descending"]::after { content:" ▼"; font-size:10px; }
 tr.published td { color:#5b6672; font-style:italic; background:#fbfbfc; }
 tr.best td { font-weight:600; }
 td small { color:var(--muted); font-size:11px; }
+/* the leaderboard fits the page from ~1,280 px: each sd under its mean, the note and source columns wrap */
+#leaderboard-table td small { display:block; }
+#leaderboard-table td:first-child, #leaderboard-table td:last-child { white-space:normal; min-width:7em; }
 dl.kv { display:grid; grid-template-columns: max-content 1fr; gap:3px 14px; margin:0; font-size:13px; }
 dl.kv dt { color:var(--muted); }
 dl.kv dd { margin:0; overflow-wrap:anywhere; font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size:12.5px; }

@@ -14,6 +14,9 @@ from saelab.errors import require
 from saelab.saes.registry import get_sae_class
 from saelab.training.trainer import TrainConfig
 
+# --transcoder: none trains SAEs; plain and skip train every architecture as that kind of transcoder.
+TRANSCODER_KINDS = ("none", "plain", "skip")
+
 
 def _opt(help: str, **cli: Any) -> dict[str, Any]:
     """Field metadata read by saelab.cli.options: the help text and how the command line spells it."""
@@ -56,7 +59,13 @@ class RunConfig(DataSpec):
     )
     eval_every: int = field(default=0, metadata=_opt("Steps between evaluations during training (0 = off)."))
     device: str = field(default="cpu", metadata=_opt("cpu, cuda or cuda:N."))
-    autocast_bf16: bool = field(default=False, metadata=_opt("bf16 autocast for the SAE forward pass.", flag="--bf16"))
+    precision: str = field(
+        default="auto",
+        metadata=_opt(
+            "auto, fp32 or bf16. auto: bf16 autocast where the device multiplies bf16 natively (CPUs with "
+            "AMX/AVX512-BF16, bf16-capable GPUs), fp32 elsewhere; weights, Adam state and metrics stay fp32."
+        ),
+    )
     checkpoint_every: int = field(default=0, metadata=_opt("Steps between checkpoints (0 = none by step count)."))
     checkpoint_minutes: float = field(
         default=10.0, metadata=_opt("Minutes of wall time between checkpoints (0 = none by time).")
@@ -64,6 +73,30 @@ class RunConfig(DataSpec):
     dead_feature_window: int = field(
         default=1000,
         metadata=_opt("Steps without firing before a latent counts as dead (AuxK; the mini protocol uses 100)."),
+    )
+    init_from: str | None = field(
+        default=None,
+        metadata=_opt(
+            "Fine-tune: start from this pretrained SAE folder (any supported format); its architecture, "
+            "width and L0 are what --arch, --width and --l0 default to.",
+            metavar="DIR",
+        ),
+    )
+    log_to: list[str] = field(
+        default_factory=list,
+        metadata=_opt(
+            "Mirror the training metrics (one namespace per SAE) and final scores to wandb and/or tensorboard "
+            "(repeat or comma-list; offline, in the run folder; needs saelab[wandb] / saelab[tensorboard]).",
+            metavar="SINK",
+        ),
+    )
+    transcoder: str = field(
+        default="none",
+        metadata=_opt(
+            "none, plain or skip. plain: train transcoders on paired data (a transcoder world such as tc-mini), "
+            "the decoder predicting the target y from x; skip: plus a linear skip x W_skipᵀ (SAELens's "
+            "skip_transcoder); none: SAEs on the inputs."
+        ),
     )
     # On the command line: --option NAME=VALUE (every arch) or ARCH.NAME=VALUE, checked against the arch's config.
     arch_options: dict[str, Any] = field(default_factory=dict, metadata={"no_cli": True})
@@ -92,6 +125,18 @@ class RunConfig(DataSpec):
             "must be an integer ≥ 0 (0 = no evaluations during training)",
         )
         self.train_config()  # the optimisation fields (samples, batch, seed, lr, checkpoints) validate there
+        require(
+            self.transcoder in TRANSCODER_KINDS,
+            "transcoder",
+            self.transcoder,
+            f"must be one of {', '.join(TRANSCODER_KINDS)}",
+        )
+        if self.init_from is not None:
+            require(str(self.init_from).strip() != "", "init_from", self.init_from, "must name an SAE folder")
+            self.init_from = str(self.init_from)
+        from saelab.training.tracking import parse_sinks
+
+        self.log_to = parse_sinks(self.log_to)
         for name in self.arch:
             get_sae_class(name)  # unknown names fail here, listing the known ones
 
@@ -108,7 +153,7 @@ class RunConfig(DataSpec):
             lr_decay_fraction=self.lr_decay_fraction,
             device=self.device,
             seed=self.seed,
-            autocast_bf16=self.autocast_bf16,
+            precision=self.precision,
             checkpoint_every=self.checkpoint_every,
             checkpoint_minutes=self.checkpoint_minutes,
             dead_feature_window=self.dead_feature_window,

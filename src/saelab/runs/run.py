@@ -13,38 +13,61 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from saelab import parallel
-from saelab.data import ActivationSource, OpenedData, SyntheticSource, open_data
+from saelab.data import ActivationSource, OpenedData, PairedSource, is_paired, open_data, synthetic_stream
 from saelab.data.open import SYNTHETIC_STREAM_RANK_STRIDE
-from saelab.errors import ConfigError, FileFormatError, TrainingDivergedError, TrainingInterrupted
+from saelab.errors import ConfigError, FileFormatError, TrainingDivergedError, TrainingInterrupted, require
 from saelab.io import write_json_atomic
 from saelab.provenance import envelope
 from saelab.runs.config import RunConfig
 from saelab.runs.evaluate import make_evaluator
-from saelab.saes.base import SAE
+from saelab.runs.pretrained import load_pretrained_sae
+from saelab.saes.base import SAE, transcoder_fields
 from saelab.saes.registry import get_sae_class
 from saelab.saes.saelens_format import save_sae
+from saelab.training.tracking import check_available as check_trackers_available
+from saelab.training.tracking import open_trackers
 from saelab.training.trainer import Trainer
 
 
-def build_run_saes(cfg: RunConfig, d_in: int) -> dict[str, SAE]:
-    """One SAE per (arch, L0), each seeded from the run seed so runs are reproducible."""
+def build_run_saes(
+    cfg: RunConfig, d_in: int, pretrained: SAE | None = None, d_out: int | None = None
+) -> dict[str, SAE]:
+    """One SAE per (arch, L0), each seeded from the run seed so runs are reproducible. With
+    `cfg.init_from` each starts from that pretrained SAE (`pretrained`, if already loaded; see runs/pretrained.py).
+    With `cfg.transcoder` plain or skip each is a transcoder writing `d_out` (the targets' width)."""
     total_steps = cfg.train_config().total_steps
     from saelab.memory import check_training_memory
+    from saelab.runs.pretrained import init_config_overrides, init_training_sae, prepare_init
 
     # Before any allocation: a width or batch that cannot fit is one clear error, not an allocator traceback.
     check_training_memory(d_in, cfg.width, cfg.batch_size, len(cfg.sae_names()), cfg.device)
+    init = None
+    if cfg.init_from is not None:
+        init = prepare_init(cfg.init_from, cfg.arch, d_in, cfg.width, pretrained, data=cfg.describe())
+    transcoder: dict[str, Any] = {}
+    if cfg.transcoder != "none":
+        require(d_out is not None, "transcoder", cfg.transcoder, "needs the targets' width d_out (paired data)")
+        assert d_out is not None
+        transcoder = transcoder_fields(d_out, skip=cfg.transcoder == "skip")
     saes = {}
     for i, (name, arch, l0) in enumerate(cfg.sae_names()):
         cls = get_sae_class(arch)
         options = dict(cfg.arch_options.get(arch, {}))
+        # A variant's or --option's own setting (e.g. `batchtopk:skip=false`: a plain transcoder) wins.
+        frozen = getattr(cls, "variant_overrides", {})
+        options.update({k: v for k, v in transcoder.items() if k not in options and k not in frozen})
+        if init is not None:
+            options.update(init_config_overrides(cls, init))
         sae_cfg = cls.config_for_l0(d_in, cfg.width, l0, total_steps, device=cfg.device, **options)
         torch.manual_seed(cfg.seed * 1000 + i)
         saes[name] = cls(sae_cfg)
+        if init is not None and cfg.init_from is not None:
+            init_training_sae(saes[name], init, cfg.init_from)
     return saes
 
 
@@ -58,7 +81,7 @@ class RunResult:
 
 # RunConfig fields --resume may change: they cannot change the trained SAEs (evaluation and
 # checkpoint settings, and the device). Every other difference is refused, naming the field.
-RESUME_MAY_CHANGE = ("eval_samples", "eval_every", "device", "checkpoint_every", "checkpoint_minutes")
+RESUME_MAY_CHANGE = ("eval_samples", "eval_every", "device", "checkpoint_every", "checkpoint_minutes", "log_to")
 CHECKPOINT_DIR = "checkpoint"
 
 
@@ -71,9 +94,14 @@ def check_resume_config(saved: dict[str, Any] | None, cfg: RunConfig, where: Pat
         )
     mine = _plain(dataclasses.asdict(cfg))
     old = _plain(saved)
+    defaults = _field_defaults(type(cfg))
     for key in sorted(set(mine) | set(old)):
         if key in RESUME_MAY_CHANGE:
             continue
+        if key not in mine and RETIRED_FIELDS.get(key, _MISSING) == old[key]:
+            continue  # a field this version dropped, at the value that means what today's default means
+        if key not in old and key in defaults and mine[key] == defaults[key]:
+            continue  # a field added since the checkpoint, at its default: the old run behaved the same
         if key not in old:
             raise ConfigError(
                 key,
@@ -88,6 +116,23 @@ def check_resume_config(saved: dict[str, Any] | None, cfg: RunConfig, where: Pat
                 f"differs from the checkpoint's {old[key]!r}: --resume continues "
                 "the same run; use the same value, or start a new run in another --out folder",
             )
+
+
+# Fields older versions wrote that this one no longer has, with the value that matches today's behaviour
+# at the replacing field's default (autocast_bf16=False: fp32, what `precision auto` gives on a CPU without
+# bf16 units; a checkpoint from a bf16 run cannot continue silently in another precision).
+RETIRED_FIELDS: dict[str, Any] = {"autocast_bf16": False}
+_MISSING = object()
+
+
+def _field_defaults(cls: type) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = _plain(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = _plain(f.default_factory())
+    return out
 
 
 def _plain(obj: Any) -> Any:
@@ -123,13 +168,27 @@ def _open_run_data(cfg: RunConfig, model: Any, source: ActivationSource | None) 
         )
     if model is not None:
         # Under torchrun every rank samples its own stream (rank 0's is the single-process one).
-        stream = SyntheticSource(model, seed=cfg.seed + SYNTHETIC_STREAM_RANK_STRIDE * parallel.rank())
+        stream = synthetic_stream(model, seed=cfg.seed + SYNTHETIC_STREAM_RANK_STRIDE * parallel.rank())
         return OpenedData(
             spec=cfg.data_spec(), d_in=stream.d_in, source=stream, identity={"data": cfg.data}, ground_truth=model
         )
     return open_data(
         cfg.data_spec(), device=cfg.device, seed=cfg.seed, eval_rows=cfg.eval_samples, batch_size=cfg.batch_size
     )
+
+
+def _run_d_out(cfg: RunConfig, opened: OpenedData) -> int | None:
+    """The targets' width a transcoder run writes (None for SAEs); ConfigError when the data has no targets."""
+    if cfg.transcoder == "none":
+        return None
+    if not is_paired(opened.source):
+        raise ConfigError(
+            "transcoder",
+            cfg.transcoder,
+            f"needs paired (input, target) data such as a transcoder world (tc-mini, tc-16k); "
+            f"{cfg.data_spec().describe()} gives inputs only",
+        )
+    return int(cast(PairedSource, opened.source).d_out)
 
 
 def run_training(
@@ -166,8 +225,11 @@ def run_training(
         ensure_writable_folder(run_dir)
         _clean_run_folder(run_dir)
     try:
+        # Before the data opens: a missing tracking package or a bad --init-from folder is one line now.
+        check_trackers_available(cfg.log_to)
+        pretrained = load_pretrained_sae(cfg.init_from) if cfg.init_from is not None else None
         opened = _open_run_data(cfg, model, source)
-        saes = build_run_saes(cfg, opened.d_in)
+        saes = build_run_saes(cfg, opened.d_in, pretrained, d_out=_run_d_out(cfg, opened))
     except BaseException:
         if created and main_rank and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # bad data or settings: leave no empty run folder behind
@@ -185,6 +247,7 @@ def run_training(
 
         eval_fn = evaluate
 
+    tracker = open_trackers(cfg.log_to, run_dir, config_dict) if main_rank and cfg.log_to else None
     trainer = Trainer(
         saes,
         opened.source,
@@ -194,9 +257,12 @@ def run_training(
         eval_every=cfg.eval_every,
         progress=progress,
         run_config=user_config,
+        on_log=tracker.log if tracker is not None else None,
     )
 
     def stopped(status: str, err: Exception, **extra: Any) -> None:
+        if tracker is not None:
+            tracker.close()
         if main_rank:
             write_json_atomic(
                 run_dir / "run.json",
@@ -242,9 +308,11 @@ def run_training(
         record.update(final(sae.to_inference()))
         record["train_stats"] = train_result.final_stats[name]
         record["samples_per_second"] = train_result.samples_per_second
-        save_sae(
-            sae, run_dir / "saes" / name, metadata={"l0_target": l0, "data": data_identity, "l0": record.get("l0")}
-        )
+        record["compute_precision"] = train_result.precision
+        metadata = {"l0_target": l0, "data": data_identity, "l0": record.get("l0")}
+        if cfg.init_from is not None:
+            metadata["init_from"] = cfg.init_from
+        save_sae(sae, run_dir / "saes" / name, metadata=metadata)
         results.append(record)
         if on_result:
             on_result(record)
@@ -257,11 +325,15 @@ def run_training(
             "status": "complete",
             "wall_seconds": wall,
             "train_samples_per_second": train_result.samples_per_second,
+            "compute_precision": train_result.precision,
             "results": results,
             "history": trainer.history,
         },
     )
     ckpt_io.remove(ckpt)  # the run is complete; the saved SAEs are the result
+    if tracker is not None:
+        tracker.summary({r["name"]: r for r in results})
+        tracker.close()
     return RunResult(
         run_dir=run_dir, results=results, wall_seconds=wall, samples_per_second=train_result.samples_per_second
     )

@@ -6,6 +6,12 @@ implements `encode` / `train_forward` (and optionally `aux_losses`, `after_step`
 
 Shapes: B batch, D d_in, L d_sae (latents). Weights follow SAELens's layout on disk
 (`W_enc` [D, L], `W_dec` [L, D]) so saved SAEs load in SAELens unchanged.
+
+Transcoders (`d_out` set, SAELens's convention): the decoder writes the target's width E = d_out
+(W_dec [L, E], b_dec [E] the output bias; the input is not centred, apply_b_dec_to_input False) and,
+with `skip`, ŷ = decode(f) + x W_skipᵀ with W_skip [E, D]. The trainer hands the target batch over
+in `StepContext.target_BE`; an architecture that sets `supports_transcoder` compares its
+reconstructions with `loss_target(x, ctx)` (s·x for an autoencoder) instead of the scaled input.
 """
 
 from __future__ import annotations
@@ -38,6 +44,10 @@ class SAEConfig:
     normalize_activations: NormalizeMode = "none"
     dtype: str = "float32"
     device: str = "cpu"
+    # Transcoder (SAELens's `d_out`): the decoder writes a target of this width, not the input; None = autoencoder.
+    d_out: int | None = None
+    # With d_out: a linear skip ŷ = decode(f) + x W_skipᵀ (SAELens's skip_transcoder), W_skip [d_out, d_in].
+    skip: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -58,9 +68,26 @@ class SAEConfig:
             "must be 'none' or 'expected_average_only_in'",
         )
         dtype_from_name(self.dtype, "dtype")
+        require(
+            self.d_out is None or (isinstance(self.d_out, int) and not isinstance(self.d_out, bool) and self.d_out > 0),
+            "d_out",
+            self.d_out,
+            "must be a positive integer (a transcoder's output width) or None (an autoencoder)",
+        )
+        require(isinstance(self.skip, bool), "skip", self.skip, "must be true or false")
+        require(not self.skip or self.d_out is not None, "skip", self.skip, "needs d_out: only a transcoder has a skip")
+        require(
+            self.d_out is None or not self.apply_b_dec_to_input,
+            "apply_b_dec_to_input",
+            self.apply_b_dec_to_input,
+            "must be False for a transcoder (d_out set): b_dec is the output's bias (as in SAELens)",
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.d_out is None and not self.skip:  # an autoencoder's dict stays what it always was
+            del data["d_out"], data["skip"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
@@ -71,6 +98,11 @@ class SAEConfig:
 
 def torch_dtype(name: str) -> torch.dtype:
     return dtype_from_name(name, "dtype")
+
+
+def transcoder_fields(d_out: int, skip: bool) -> dict[str, Any]:
+    """Config overrides that make a transcoder-capable architecture a transcoder writing `d_out` (with a skip)."""
+    return {"d_out": d_out, "skip": skip, "apply_b_dec_to_input": False}
 
 
 @dataclass(frozen=True)
@@ -106,6 +138,10 @@ class StepContext:
     total_steps: int
     coefficients: dict[str, float] = field(default_factory=dict)
     dead_mask_L: torch.Tensor | None = None
+    # A transcoder's target batch [B, d_out] in data units (None when training autoencoders).
+    target_BE: torch.Tensor | None = None
+    # Set by `SAE.loss_target`: this step's skip output (s·x) W_skipᵀ, detached (the trainer's checks add it to x̂).
+    skip_BE: torch.Tensor | None = None
 
 
 @dataclass
@@ -132,6 +168,9 @@ class SAE(nn.Module):
     # Component name -> config overrides that remove it; `register_ablations` turns each into a
     # variant "<arch>-no_<component>" (what `saelab bench --ablate ARCH` trains).
     ablations: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Whether the class trains as a transcoder (cfg.d_out set): its losses compare reconstructions
+    # with `loss_target` rather than with the input. Off for code that reconstructs the input itself.
+    supports_transcoder: ClassVar[bool] = False
 
     # Registered buffer (nn.Module types buffer attributes as `Tensor | Module`).
     input_scale: torch.Tensor
@@ -139,29 +178,53 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         cfg.validate()
+        if cfg.d_out is not None and not type(self).supports_transcoder:
+            raise ConfigError(
+                "d_out",
+                cfg.d_out,
+                f"{type(self).__name__} does not train as a transcoder (its losses reconstruct the input)",
+            )
         self.cfg = cfg
         dtype, device = torch_dtype(cfg.dtype), torch.device(cfg.device)
         D, L = cfg.d_in, cfg.d_sae
+        E = cfg.d_out if cfg.d_out is not None else D  # what the decoder writes: the target's width, or D
         self.W_enc_DL = nn.Parameter(torch.empty(D, L, dtype=dtype, device=device))
         self.b_enc_L = nn.Parameter(torch.zeros(L, dtype=dtype, device=device))
-        self.W_dec_LD = nn.Parameter(torch.empty(L, D, dtype=dtype, device=device))
-        self.b_dec_D = nn.Parameter(torch.zeros(D, dtype=dtype, device=device))
+        # Named for the autoencoder; a transcoder's are [L, d_out] and [d_out] (also as `W_dec_LE`).
+        self.W_dec_LD = nn.Parameter(torch.empty(L, E, dtype=dtype, device=device))
+        self.b_dec_D = nn.Parameter(torch.zeros(E, dtype=dtype, device=device))
+        if cfg.skip:
+            self.W_skip_ED = nn.Parameter(torch.zeros(E, D, dtype=dtype, device=device))  # SAELens: zeros at init
         # Inputs are multiplied by this before encoding (expected_average_only_in); folded at save.
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
         self.reset_parameters()
 
     # ----- construction -------------------------------------------------------------------------
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """SAELens init: W_dec kaiming-uniform rows rescaled to `decoder_init_norm`, W_enc = W_decᵀ."""
+        """SAELens init: W_dec kaiming-uniform rows rescaled to `decoder_init_norm`, W_enc = W_decᵀ.
+
+        A transcoder's encoder reads another space than its decoder writes, so tying means nothing
+        there: W_enc gets its own draw from the same distribution (after W_dec's), W_skip zeros."""
         with torch.no_grad():
-            L, D = self.W_dec_LD.shape
-            bound = math.sqrt(6.0 / D)  # kaiming_uniform_ on a [L, D] tensor: fan_in = D, gain √2
-            self.W_dec_LD.uniform_(-bound, bound, generator=generator)
-            if self.cfg.decoder_init_norm is not None:
-                self.W_dec_LD.mul_(self.cfg.decoder_init_norm / self.W_dec_LD.norm(dim=1, keepdim=True))
-            self.W_enc_DL.copy_(self.W_dec_LD.t())
+            L, E = self.W_dec_LD.shape
+            self.W_dec_LD.copy_(self._init_rows(L, E, generator))
+            if self.cfg.d_out is None:
+                self.W_enc_DL.copy_(self.W_dec_LD.t())
+            else:
+                self.W_enc_DL.copy_(self._init_rows(self.cfg.d_sae, self.cfg.d_in, generator).t())
             self.b_enc_L.zero_()
             self.b_dec_D.zero_()
+            if self.cfg.skip:
+                self.W_skip_ED.zero_()
+
+    def _init_rows(self, L: int, D: int, generator: torch.Generator | None) -> torch.Tensor:
+        """[L, D] kaiming-uniform rows (fan_in = D, gain √2), each rescaled to `decoder_init_norm`."""
+        bound = math.sqrt(6.0 / D)
+        W_LD = torch.empty(L, D, dtype=self.W_dec_LD.dtype, device=self.W_dec_LD.device)
+        W_LD.uniform_(-bound, bound, generator=generator)
+        if self.cfg.decoder_init_norm is not None:
+            W_LD.mul_(self.cfg.decoder_init_norm / W_LD.norm(dim=1, keepdim=True))
+        return W_LD
 
     @classmethod
     def config_for_l0(cls, d_in: int, d_sae: int, l0: float, total_steps: int, **overrides: Any) -> SAEConfig:
@@ -186,6 +249,16 @@ class SAE(nn.Module):
     def d_sae(self) -> int:
         return self.cfg.d_sae
 
+    @property
+    def d_out(self) -> int:
+        """Width of what the decoder writes: the target's for a transcoder, d_in for an autoencoder."""
+        return self.cfg.d_out if self.cfg.d_out is not None else self.cfg.d_in
+
+    @property
+    def W_dec_LE(self) -> torch.Tensor:
+        """The decoder [L, d_out] (= W_dec_LD; the name transcoder metrics read)."""
+        return self.W_dec_LD
+
     def scale_input(self, x_BD: torch.Tensor) -> torch.Tensor:
         """s·x in the SAE's dtype; s is the input normalisation factor (1 unless normalising).
 
@@ -194,6 +267,59 @@ class SAE(nn.Module):
         if self.cfg.normalize_activations != "none":
             x_BD = x_BD * self.input_scale.to(x_BD.dtype)
         return x_BD
+
+    def scaled_target(self, x_BD: torch.Tensor, ctx: StepContext | None) -> torch.Tensor:
+        """What the SAE predicts, in scaled units: s·x, or for a transcoder s·y with y = ctx.target_BE.
+
+        The target shares the input's scale s, so W_skip means the same in scaled and data units."""
+        if self.cfg.d_out is None:
+            return self.scale_input(x_BD)
+        y_BE = ctx.target_BE if ctx is not None else None
+        if y_BE is None:
+            raise ConfigError(
+                "target",
+                None,
+                f"{type(self).__name__} is a transcoder (d_out={self.cfg.d_out}): train it on paired data",
+            )
+        return self.scale_input(y_BE)
+
+    def skip_out(self, x_BD: torch.Tensor) -> torch.Tensor | None:
+        """The skip's output (s·x) W_skipᵀ in scaled units (None without a skip)."""
+        if not self.cfg.skip:
+            return None
+        return self.scale_input(x_BD) @ self.W_skip_ED.t()
+
+    def loss_target(
+        self, x_BD: torch.Tensor, ctx: StepContext | None, x_s_BD: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What the decoder output x̂ is trained to match, in scaled units.
+
+        Autoencoder: s·x (`x_s_BD` when the caller has it). Transcoder: s·y, minus the skip output when
+        there is one. ‖x̂ + skip − s·y‖ = ‖x̂ − (s·y − skip)‖, so every reconstruction an architecture
+        compares with this (full width, Matryoshka prefixes, AuxK residuals) is compared with what the
+        latents must add, and W_skip learns through the subtraction."""
+        if self.cfg.d_out is None:
+            return x_s_BD if x_s_BD is not None else self.scale_input(x_BD)
+        y_s_BE = self.scaled_target(x_BD, ctx)
+        skip_BE = self.skip_out(x_BD)
+        if skip_BE is None:
+            return y_s_BE
+        if ctx is not None:
+            ctx.skip_BE = skip_BE.detach()
+        return y_s_BE - skip_BE
+
+    @torch.no_grad()
+    def step_prediction(
+        self, x_BD: torch.Tensor, ctx: StepContext, x_hat_BD: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(target, prediction) of a training step in scaled units, for the trainer's checks and logs:
+        (s·x, x̂) for an autoencoder, (s·y, x̂ + skip) for a transcoder."""
+        target = self.scaled_target(x_BD, ctx)
+        if not self.cfg.skip:
+            return target, x_hat_BD
+        skip_BE = ctx.skip_BE if ctx.skip_BE is not None else self.skip_out(x_BD)
+        assert skip_BE is not None  # cfg.skip
+        return target, x_hat_BD + skip_BE.to(x_hat_BD.dtype)
 
     def process_input(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Scale and centre the input: x̃ = s·x − b_dec (b_dec only if apply_b_dec_to_input)."""
@@ -232,7 +358,12 @@ class SAE(nn.Module):
         return x_hat_BD
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x_BD))
+        """x̂ = decode(encode(x)); a skip-transcoder adds x W_skipᵀ (SAELens: forward has the skip, decode not)."""
+        out_BE = self.decode(self.encode(x_BD))
+        skip_BE = self.skip_out(x_BD)
+        if skip_BE is not None:
+            out_BE = out_BE + self.unscale_output(skip_BE).to(out_BE.dtype)
+        return out_BE
 
     # ----- training --------------------------------------------------------------------------
     def train_forward(self, x_BD: torch.Tensor, ctx: StepContext) -> StepOutput:
@@ -323,6 +454,7 @@ class SAE(nn.Module):
         "b_enc": "b_enc_L",
         "W_dec": "W_dec_LD",
         "b_dec": "b_dec_D",
+        "W_skip": "W_skip_ED",  # skip-transcoders only ([d_out, d_in], as SAELens)
     }
 
     def saelens_architecture(self) -> str:

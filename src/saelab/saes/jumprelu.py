@@ -171,6 +171,7 @@ class JumpReLUSAE(SAE):
     config_class: ClassVar[type[JumpReLUSAEConfig]] = JumpReLUSAEConfig
     cfg: JumpReLUSAEConfig
     saelens_names = {**SAE.saelens_names, "threshold": "threshold_L"}
+    supports_transcoder = True
 
     def __init__(self, cfg: JumpReLUSAEConfig):
         super().__init__(cfg)
@@ -290,7 +291,7 @@ class JumpReLUSAE(SAE):
 
     def train_forward(self, x_BD: torch.Tensor, ctx: StepContext) -> StepOutput:
         self.clamp_threshold()  # also before the forward: a loaded or hand-set θ may be negative
-        target_BD = self.scale_input(x_BD)
+        target_BD = self.loss_target(x_BD, ctx)  # s·x; a transcoder's s·y − skip
         # One encoder matmul serves both paths: the sparse one reads it detached, so its graph is never used.
         x_tilde_BD = self.process_input(x_BD)
         hidden_pre_BL = x_tilde_BD @ self.W_enc_DL + self.b_enc_L

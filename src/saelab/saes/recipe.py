@@ -172,6 +172,14 @@ class RecipeSAEConfig(MatryoshkaSAEConfig):
             "must be an integer ≥ 0 (0 = no K-SVD updates)",
         )
         require(_finite(self.ksvd_rate) and 0 < self.ksvd_rate <= 1, "ksvd_rate", self.ksvd_rate, "must be in (0, 1]")
+        if self.d_out is not None:
+            # These refine or prune codes against the residual of the INPUT, which a transcoder's
+            # decoder does not write (and leave-one-out would need the target at inference).
+            why = "for a transcoder (d_out set): it works on the input's residual, and the decoder writes the target"
+            require(self.ista_steps == 0, "ista_steps", self.ista_steps, f"must be 0 {why}")
+            require(not self.leave_one_out, "leave_one_out", self.leave_one_out, f"must be false {why}")
+            require(not self.loo_in_training, "loo_in_training", self.loo_in_training, f"must be false {why}")
+            require(self.ksvd_every == 0, "ksvd_every", self.ksvd_every, f"must be 0 {why}")
 
 
 def _finite(value: Any) -> bool:
@@ -248,7 +256,9 @@ class RecipeSAE(MatryoshkaSAE):
         plain (full-width) AuxK as in the reference (§2.3 item 8), leave-one-out on. Note: leave-one-out
         prunes at inference, so the evaluated L0 comes out *below* l0 (the post reports ~1/3 pruned).
         The recipe's LR decay over the final third is a trainer setting (`lr_decay_fraction=1/3`).
+        As a transcoder (`d_out` given) ISTA and leave-one-out are off: both need the input's residual.
         """
+        transcoder = {"ista_steps": 0, "leave_one_out": False} if overrides.get("d_out") is not None else {}
         return RecipeSAEConfig(
             **{
                 "d_in": d_in,
@@ -270,6 +280,7 @@ class RecipeSAE(MatryoshkaSAE):
                 "leave_one_out": True,
                 "loo_scale": 1.0,
                 "lr_decay_fraction": 1 / 3,
+                **transcoder,
                 **overrides,
             }
         )
@@ -450,12 +461,12 @@ class RecipeSAE(MatryoshkaSAE):
                 SparseActs(acts.batch_idx, acts.latent_idx, acts.values.detach(), acts.batch_size, acts.d_sae),
             )
         rank_L = self.level_order()
-        x_s_BD = trace.x_s_BD
+        x_s_BD = self.loss_target(x_BD, ctx, trace.x_s_BD)  # trace.x_s_BD; a transcoder's s·y − skip
         x_hat_BD, inner = self.level_reconstructions(acts, trace.U_LD, rank_L)
         losses = {"mse": term_mean(mse_per_sample(x_hat_BD, x_s_BD), cfg.tilt)}
         for width, recon_BD, multiplier in zip(self.level_widths(), inner, cfg.inner_multipliers()):
             losses[f"mse_{width}"] = multiplier * term_mean(mse_per_sample(recon_BD, x_s_BD), cfg.tilt)
-        aux = self._recipe_aux_loss(trace, x_hat_BD, inner, rank_L, ctx)
+        aux = self._recipe_aux_loss(trace, x_s_BD, x_hat_BD, inner, rank_L, ctx)
         if aux is not None:
             losses["aux"] = aux
         return StepOutput(
@@ -467,11 +478,12 @@ class RecipeSAE(MatryoshkaSAE):
             metrics={"k": float(self.current_k(ctx))},
         )
 
-    def _recipe_aux_loss(self, trace: IstaTrace, x_hat_BD, inner, rank_L, ctx) -> torch.Tensor | None:
-        """AuxK on the refined pre-activations h^T: full width, or per level (use_matryoshka_aux_loss)."""
+    def _recipe_aux_loss(self, trace: IstaTrace, x_s_BD, x_hat_BD, inner, rank_L, ctx) -> torch.Tensor | None:
+        """AuxK on the refined pre-activations h^T: full width, or per level (use_matryoshka_aux_loss).
+        `x_s_BD` is what the reconstructions are trained to match (`loss_target`)."""
         if ctx.dead_mask_L is None or self.cfg.aux_loss_coefficient == 0:
             return None
-        x_s_BD, zero = trace.x_s_BD, trace.x_s_BD.new_tensor(0.0)
+        zero = x_s_BD.new_tensor(0.0)
         x_tilde_ng = trace.x_tilde_BD.detach()
         widths = self.level_widths()
         if not (self.cfg.use_matryoshka_aux_loss and len(widths) > 1):

@@ -39,6 +39,8 @@ BUILTIN_ARCHITECTURE_MODULES = (
     "saelab.saes.matching_pursuit",
     "saelab.saes.recipe",
     "saelab.saes.multi_l0",
+    "saelab.saes.gated",
+    "saelab.saes.abstopk",
 )
 
 # What a user types to make saelab import their architecture (repeated in every refusal).

@@ -3,12 +3,18 @@
 `sae_lens.SAE.load_from_disk(path)` loads what `save_sae` writes, and `load_sae` loads folders
 written by SAELens's `save_model` / `save_inference_model`. Saved SAEs are inference SAEs: input
 scaling and decoder norms folded in, BatchTopK-family SAEs converted to JumpReLU.
+
+Transcoders are saved under SAELens's names with `d_out` and `W_skip` [d_out, d_in]: `transcoder`,
+`skip_transcoder` (standard, ReLU), `jumprelu_transcoder`, `jumprelu_skip_transcoder` (JumpReLU with
+its thresholds: also what BatchTopK, Matryoshka and the recipe become). A TopK transcoder has no
+SAELens name: it is saved as `topk_transcoder` / `topk_skip_transcoder`, which only saelab loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -54,9 +60,15 @@ def save_sae(sae: SAE, path: str | Path, metadata: dict[str, Any] | None = None)
         meta["saelab_class"] = vars(inference_cls).get("import_spec") or (
             f"{inference_cls.__module__}:{inference_cls.__qualname__}"
         )
+    architecture = inference.saelens_architecture()
+    transcoder: dict[str, Any] = {}
+    if inference.cfg.d_out is not None:
+        architecture = transcoder_architecture(architecture, inference.cfg.skip)
+        transcoder = {"d_out": inference.cfg.d_out}
     cfg = {
         "d_in": inference.cfg.d_in,
         "d_sae": inference.cfg.d_sae,
+        **transcoder,
         "dtype": inference.cfg.dtype,
         "device": "cpu",
         "apply_b_dec_to_input": inference.cfg.apply_b_dec_to_input,
@@ -64,13 +76,33 @@ def save_sae(sae: SAE, path: str | Path, metadata: dict[str, Any] | None = None)
         "reshape_activations": "none",
         "metadata": meta,
         **inference.saelens_config(),
-        "architecture": inference.saelens_architecture(),
+        "architecture": architecture,
     }
     path.mkdir(parents=True, exist_ok=True)
     with atomic_path(path / WEIGHTS_FILENAME) as tmp:
         save_file(tensors, str(tmp))
     write_json_atomic(path / CFG_FILENAME, cfg)  # written last: a folder with cfg.json is complete
     return path
+
+
+def transcoder_architecture(arch: str, skip: bool) -> str:
+    """The cfg.json name of a transcoder whose inference architecture is `arch`: SAELens's `transcoder` /
+    `skip_transcoder` (ReLU, saelab's standard) and `jumprelu_transcoder` / `jumprelu_skip_transcoder`;
+    any other X becomes `X_transcoder` / `X_skip_transcoder`, which saelab loads and SAELens does not know."""
+    return f"{'' if arch == 'standard' else arch + '_'}{'skip_' if skip else ''}transcoder"
+
+
+def parse_transcoder_architecture(name: str) -> tuple[str, bool] | None:
+    """(inference architecture, skip) of a transcoder name (`transcoder_architecture`'s inverse); None otherwise."""
+    if not name.endswith("transcoder"):
+        return None
+    stem = name.removesuffix("transcoder")  # "", "skip_", "jumprelu_", "jumprelu_skip_", ...
+    if stem and not stem.endswith("_"):
+        return None
+    skip = stem == "skip_" or stem.endswith("_skip_")
+    if skip:
+        stem = stem.removesuffix("skip_")
+    return (stem.removesuffix("_") or "standard"), skip
 
 
 def load_sae(
@@ -104,6 +136,12 @@ def load_sae(
     name = cfg_dict.get("architecture")
     if not isinstance(name, str):
         raise FileFormatError(f"{cfg_path} has no 'architecture' field (a string naming the SAE architecture)")
+    transcoder = None if _is_registered(name) else parse_transcoder_architecture(name)
+    if transcoder is not None:  # a transcoder: its inference architecture with d_out (and a skip)
+        if "d_out" not in cfg_dict:
+            raise FileFormatError(f"{cfg_path}: a {_clip(name)} needs the field 'd_out' (the output width)")
+        name, skip = transcoder
+        cfg_dict = {**cfg_dict, "skip": skip}
     cls = _resolve_class(cfg_path, cfg_dict, name, arch, trust_code)
     cfg_dict = {**cfg_dict, "device": device}
     if cfg_dict.get("normalize_activations") not in (None, "none", "expected_average_only_in"):
@@ -128,7 +166,7 @@ def load_sae(
         if tuple(tensor.shape) != shape:
             raise FileFormatError(
                 f"{weights_path}: tensor {disk_name!r} has shape {tuple(tensor.shape)}, expected {shape} "
-                f"for d_in={cfg.d_in}, d_sae={cfg.d_sae}"
+                f"for d_in={cfg.d_in}, d_sae={cfg.d_sae}" + (f", d_out={cfg.d_out}" if cfg.d_out is not None else "")
             )
         if not tensor.dtype.is_floating_point:
             raise FileFormatError(
@@ -147,6 +185,14 @@ def load_sae(
     state.update(loaded)
     sae.load_state_dict(state)
     return sae.to(torch.device(device))
+
+
+def _is_registered(name: str) -> bool:
+    try:
+        registered_sae_class(name)
+    except ConfigError:
+        return False
+    return True
 
 
 def _json_kind(value: Any) -> str:
@@ -195,17 +241,31 @@ def _resolve_class(
 
 
 def _build_config(cfg_path: Path, cls: type[SAE], cfg_dict: dict[str, Any]) -> SAEConfig:
+    """The SAE's config from cfg.json; a missing or mistyped field is one line naming the file and the field(s)."""
     config_class = cls.config_class
-    for f in dataclasses.fields(config_class):
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if required and f.name not in cfg_dict:
-            raise FileFormatError(f"{cfg_path}: required field {f.name!r} is missing")
+    fields = [f for f in dataclasses.fields(config_class) if f.init]
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    _require_fields(cfg_path, [name for name in required if name not in cfg_dict])
+    for f in fields:
         if f.name in cfg_dict:
             _check_json_type(cfg_path, config_class, f.name, cfg_dict[f.name])
     try:
         return config_class.from_dict(cfg_dict)
-    except (ConfigError, TypeError, ValueError) as err:  # ConfigError names the field and value
+    except TypeError as err:
+        # A config class with its own __init__ or from_dict: "__init__() missing 1 required ... argument: 'd_sae'"
+        text = str(err)
+        if "missing" in text and "required" in text:
+            _require_fields(cfg_path, re.findall(r"'(\w+)'", text.partition("argument")[2]) or ["?"])
+        raise FileFormatError(f"{cfg_path}: invalid config: {text}") from None
+    except (ConfigError, ValueError) as err:  # ConfigError names the field and value
         raise FileFormatError(f"{cfg_path}: invalid config: {err}") from None
+
+
+def _require_fields(cfg_path: Path, missing: list[str]) -> None:
+    if len(missing) == 1:
+        raise FileFormatError(f"{cfg_path}: required field {missing[0]!r} is missing")
+    if missing:
+        raise FileFormatError(f"{cfg_path}: required fields {', '.join(map(repr, missing))} are missing")
 
 
 _JSON_TYPES: dict[Any, tuple[type, ...]] = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}

@@ -79,6 +79,7 @@ class StandardSAEConfig(SAEConfig):
 class StandardSAE(SAE):
     config_class = StandardSAEConfig
     cfg: StandardSAEConfig
+    supports_transcoder = True
 
     def autotune_target(self) -> AutotuneTarget | None:
         """The autotuner scales "l1" toward `cfg.target_l0` (when set)."""
@@ -114,7 +115,7 @@ class StandardSAE(SAE):
         return l1_coefficient * per_sample_B.mean()
 
     def train_forward(self, x_BD: torch.Tensor, ctx: StepContext) -> StepOutput:
-        target_BD = self.scale_input(x_BD)  # losses live in scaled units, as in SAELens
+        target_BD = self.loss_target(x_BD, ctx)  # scaled units, as in SAELens (a transcoder's s·y − skip)
         # Without a coefficient from the trainer (direct use), the configured final value applies.
         l1_coefficient = ctx.coefficients.get("l1", self.cfg.l1_coefficient)
         # One encoder matmul serves both paths: the sparse one reads it detached, so its graph is never used.

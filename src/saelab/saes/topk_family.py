@@ -92,6 +92,7 @@ class TopKFamilySAE(SAE):
     """Base of the TopK family. Subclasses choose which entries fire (`select`)."""
 
     cfg: TopKFamilyConfig
+    supports_transcoder = True
 
     def select(self, scores_BL: torch.Tensor, ctx: StepContext | None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -148,7 +149,7 @@ class TopKFamilySAE(SAE):
 
     # ----- training ---------------------------------------------------------------------------
     def train_forward(self, x_BD: torch.Tensor, ctx: StepContext) -> StepOutput:
-        x_s_BD = self.scale_input(x_BD)
+        x_s_BD = self.loss_target(x_BD, ctx)  # s·x; a transcoder's s·y − skip
         x_tilde_BD, (hidden_pre_BL, scores_BL), acts = self.encode_train(x_BD, ctx)
         W_unit_LD = self.unit_decoder()
         x_hat_BD = self.reconstruct_sparse(acts, W_unit_LD)
@@ -202,7 +203,7 @@ class TopKFamilySAE(SAE):
         n_dead = dead_idx.numel()
         if n_dead == 0:
             return zero
-        k_aux = self.d_in // 2
+        k_aux = self.d_out // 2  # half the width of the space the residual lives in (d_in for an autoencoder)
         scale = min(n_dead / k_aux, 1.0)
         k_sel = min(k_aux, n_dead)
         with torch.no_grad():
@@ -363,10 +364,12 @@ class BatchThresholdMixin(_BatchThresholdBase):
             decoder_init_norm=self.cfg.decoder_init_norm,
             dtype=self.cfg.dtype,
             device=self.cfg.device,
+            d_out=self.cfg.d_out,
+            skip=self.cfg.skip,
         )
         sae = jumprelu_cls(cfg)
         with torch.no_grad():
-            for name in ("W_enc_DL", "b_enc_L", "W_dec_LD", "b_dec_D"):
+            for name in ("W_enc_DL", "b_enc_L", "W_dec_LD", "b_dec_D") + (("W_skip_ED",) if self.cfg.skip else ()):
                 getattr(sae, name).copy_(getattr(folded, name))
             sae.threshold_L.fill_(float(folded.topk_threshold))
         return sae

@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from saelab.devices import cpu_has_native_bf16
 from saelab.synthetic.threads import torch_threads
 
 # Below this many matrix entries a step is microseconds of work, and spreading it over threads
@@ -74,13 +75,7 @@ BF16_MIN_ENTRIES = 1 << 23
 def _fast_matmul_dtype(vectors_FD: torch.Tensor) -> torch.dtype | None:
     if vectors_FD.numel() < BF16_MIN_ENTRIES or vectors_FD.device.type != "cpu":
         return None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpuinfo = f.read()
-    except OSError:
-        return None
-    has_bf16 = "avx512_bf16" in cpuinfo or "amx_bf16" in cpuinfo
-    return torch.bfloat16 if has_bf16 else None
+    return torch.bfloat16 if cpu_has_native_bf16() else None
 
 
 def orthogonalize(

@@ -16,19 +16,22 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
 from saelab import parallel as dist_utils
-from saelab.data.protocol import ActivationSource
+from saelab.data.protocol import ActivationSource, PairedSource, is_paired
+from saelab.devices import PRECISIONS, emulated_bf16_warning, resolve_precision
 from saelab.errors import ConfigError, FileFormatError, TrainingDivergedError, TrainingInterrupted, require
 from saelab.saes.base import SAE, StepContext
 from saelab.saes.registry import get_sae_class
 from saelab.training import checkpoint as ckpt_io
+from saelab.training.progress import TrainingProgress
 
 LRSchedule = Literal["constant", "cosine"]
 # Seeds are 0 ≤ seed < 2³² (as the CLI's): runs add offsets and multipliers to them before torch's 64-bit seeds.
@@ -40,6 +43,11 @@ SEED_MAX = 2**32 - 1
 EXPLODED_ERROR_RATIO = 1e4
 # Settings --resume may change: they cannot change the trained weights.
 RESUME_MAY_CHANGE = ("device", "checkpoint_every", "checkpoint_minutes", "log_every")
+# `silent_latents` (logged beside the AuxK `dead_latents`) counts latents that fired on none of the last this
+# many training samples (or of the last half of the steps so far, when fewer): the training-time estimate of the
+# final evaluation's "dead" (never fires on the eval samples, 100k by default). AuxK's window (dead_feature_window
+# steps) is often longer than a short run, so its count stays 0 however many latents are silent.
+SILENT_WINDOW_SAMPLES = 100_000
 
 
 @dataclass(kw_only=True)
@@ -58,7 +66,9 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     dead_feature_window: int = 1000  # steps without firing before a latent counts as dead
     n_batches_for_norm_estimate: int = 100
-    autocast_bf16: bool = False
+    # auto: bf16 autocast where the device multiplies bf16 natively (saelab.devices), else fp32.
+    # Parameters, optimiser state and metrics stay fp32 either way.
+    precision: str = "auto"
     device: str = "cpu"
     seed: int = 0
     log_every: int = 50
@@ -96,6 +106,7 @@ class TrainConfig:
             "must be 'constant' or 'cosine'",
         )
         require(self.lr_warmup_steps >= 0, "lr_warmup_steps", self.lr_warmup_steps, "must be ≥ 0")
+        require(self.precision in PRECISIONS, "precision", self.precision, f"must be one of {', '.join(PRECISIONS)}")
         require(0 <= self.lr_decay_fraction <= 1, "lr_decay_fraction", self.lr_decay_fraction, "must be in [0, 1]")
         require(0 <= self.lr_end_factor <= 1, "lr_end_factor", self.lr_end_factor, "must be in [0, 1]")
         require(0 <= self.adam_beta1 < 1, "adam_beta1", self.adam_beta1, "must be in [0, 1)")
@@ -175,6 +186,7 @@ class TrainResult:
     wall_seconds: float  # training time over every session of the run (resumes included)
     samples_per_second: float  # this session's
     final_stats: dict[str, dict[str, float]]
+    precision: str = "fp32"  # what the steps ran in (`auto` resolved)
 
 
 def _make_autotuner(sae: SAE, cfg: TrainConfig):
@@ -223,13 +235,30 @@ class Trainer:
         eval_every: int = 0,
         progress: bool = True,
         run_config: dict[str, Any] | None = None,
+        on_log: Callable[[int, dict[str, Any]], None] | None = None,
     ):
-        """`run_config`: the caller's full configuration, stored in checkpoints (run.py compares it on resume)."""
+        """`run_config`: the caller's full configuration, stored in checkpoints (run.py compares it on resume).
+        `on_log(step, entry)`: called with each new history entry (an experiment tracker, training/tracking.py)."""
         require(len(saes) > 0, "saes", saes, "need at least one SAE to train")
         require(isinstance(eval_every, int) and eval_every >= 0, "eval_every", eval_every, "must be an integer ≥ 0")
         for name, sae in saes.items():
             if sae.cfg.d_in != source.d_in:
                 raise ConfigError(f"{name}.d_in", sae.cfg.d_in, f"does not match the data's width d_in={source.d_in}")
+            if sae.cfg.d_out is not None:
+                if not is_paired(source):
+                    raise ConfigError(
+                        f"{name}.d_out",
+                        sae.cfg.d_out,
+                        f"makes it a transcoder, but the data ({type(source).__name__}) has no targets; "
+                        "train it on paired data such as a transcoder world (tc-mini)",
+                    )
+                d_out = cast(PairedSource, source).d_out
+                if sae.cfg.d_out != d_out:
+                    raise ConfigError(
+                        f"{name}.d_out", sae.cfg.d_out, f"does not match the targets' width d_out={d_out}"
+                    )
+        # Transcoders train on (input, target) pairs; autoencoders trained beside them use the inputs.
+        self.paired = any(sae.cfg.d_out is not None for sae in saes.values())
         self.cfg = cfg
         self.source = source
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
@@ -237,7 +266,12 @@ class Trainer:
         self.eval_every = eval_every
         self.progress = progress
         self.run_config = run_config
+        self.on_log = on_log
         self.device = torch.device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        warning = emulated_bf16_warning(self.precision, self.device)
+        if warning and dist_utils.is_main():
+            warnings.warn(warning, stacklevel=2)
         self.step = 0
         self.norms_estimated = False
         self.history: list[dict[str, Any]] = []
@@ -280,7 +314,7 @@ class Trainer:
         total = cfg.total_steps
         self._stop_signal = None
         restore_handlers = self._install_signal_handlers()
-        bar = _ProgressBar(total, enabled=self.progress and dist_utils.is_main())
+        bar = TrainingProgress(total, enabled=self.progress and dist_utils.is_main())
         try:
             if not self.norms_estimated:
                 self._estimate_input_norms()
@@ -290,9 +324,18 @@ class Trainer:
             while self.step < total:
                 if self._stop_signal is not None:
                     self._stop()
-                x_BD = self.source.next_batch(self.local_batch_size).to(self.device, non_blocking=True)
+                y_BE = None
+                if self.paired:
+                    x_BD, y_BE = cast(PairedSource, self.source).next_pair(self.local_batch_size)
+                    y_BE = y_BE.to(self.device, non_blocking=True)
+                else:
+                    x_BD = self.source.next_batch(self.local_batch_size)
+                x_BD = x_BD.to(self.device, non_blocking=True)
                 for state in self.states.values():
-                    self._train_step(state, x_BD)
+                    if y_BE is None:  # _train_step(state, x_BD) stays what it was for SAEs
+                        self._train_step(state, x_BD)
+                    else:
+                        self._train_step(state, x_BD, y_BE)
                 self.step += 1
                 if self._pending is not None:
                     # This step's forward pass checked the parameters the pending snapshot holds.
@@ -310,9 +353,13 @@ class Trainer:
                             **{f"{n}/{k}": v for n, s in self.states.items() for k, v in s.last.items()},
                         }
                     )
+                    if self.on_log is not None:
+                        self.on_log(self.step, self.history[-1])
                     bar.update(self.step, rate, self.states)
                 if self.eval_fn and self.eval_every and self.step % self.eval_every == 0 and self.step < total:
                     self.history.append({"step": self.step, "eval": self.eval_fn(self.saes)})
+                    if self.on_log is not None:
+                        self.on_log(self.step, self.history[-1])
                 if self.checkpoint_path and self.step < total and self._checkpoint_due():
                     self._check_finite()
                     # Written after the next step's forward pass has checked these parameters, so a
@@ -339,6 +386,7 @@ class Trainer:
             wall_seconds=self.elapsed(),
             samples_per_second=done / max(wall, 1e-9),
             final_stats={n: dict(s.last) for n, s in self.states.items()},
+            precision=self.precision,
         )
 
     def elapsed(self) -> float:
@@ -412,7 +460,7 @@ class Trainer:
     def saes(self) -> dict[str, SAE]:
         return {n: s.sae for n, s in self.states.items()}
 
-    def _train_step(self, state: SAEState, x_BD: torch.Tensor) -> None:
+    def _train_step(self, state: SAEState, x_BD: torch.Tensor, y_BE: torch.Tensor | None = None) -> None:
         cfg, sae, step = self.cfg, state.sae, self.step
         lr = cfg.lr * lr_multiplier(step, state.train_cfg or cfg)
         for group in state.optimizer.param_groups:
@@ -427,8 +475,9 @@ class Trainer:
             total_steps=cfg.total_steps,
             coefficients=coefficients,
             dead_mask_L=state.steps_since_fired_L > cfg.dead_feature_window,
+            target_BE=y_BE if sae.cfg.d_out is not None else None,
         )
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             out = sae.train_forward(x_BD, ctx)
         # On CPU checking every step is free; on GPU it would sync, so parameters are checked at
         # log and checkpoint steps instead (nothing non-finite is ever saved either way).
@@ -436,13 +485,16 @@ class Trainer:
             raise TrainingDivergedError(
                 f"loss of SAE '{state.name}' became {float(out.loss.detach())} at step {step} "
                 f"(parts: { {k: float(v.detach()) for k, v in out.losses.items()} }); training stopped. "
+                + _non_finite_data(x_BD, ctx.target_BE)
                 + self._last_good()
             )
+        # What the SAE predicts and its prediction, scaled: (s·x, x̂), or a transcoder's (s·y, x̂ + skip).
+        target_s, pred = sae.step_prediction(x_BD, ctx, out.x_hat_BD)
         with torch.no_grad():
             # Finite divergence (see EXPLODED_ERROR_RATIO). The ε·numel term (mean square 1e-6) keeps an
             # all-zero batch from dividing by zero; it can only lower the ratio, never fire the check.
-            x_s = sae.scale_input(x_BD).float()
-            ratio = (x_s - out.x_hat_BD.float()).pow(2).sum() / (x_s.pow(2).sum() + 1e-6 * x_s.numel())
+            x_s = target_s.float()
+            ratio = (x_s - pred.float()).pow(2).sum() / (x_s.pow(2).sum() + 1e-6 * x_s.numel())
         state.error_ratio = ratio if state.error_ratio is None else torch.maximum(state.error_ratio, ratio)
         state.error_ratio_step = step
         if self.device.type == "cpu":  # free on CPU; on GPU checked at log and checkpoint steps (no sync)
@@ -465,14 +517,21 @@ class Trainer:
             state.autotuner.update(step, dist_utils.mean_over_ranks(l0, self.device) if self.distributed else l0)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.total_steps:
             with torch.no_grad():
-                x_s = sae.scale_input(x_BD)
-                resid = (x_s - out.x_hat_BD.float()).pow(2).sum()
+                x_s = target_s
+                resid = (x_s - pred.float()).pow(2).sum()
                 var = (x_s - x_s.mean(0)).pow(2).sum()
             state.last = {
                 "loss": float(out.loss.detach()),
                 "l0": float(out.l0),
                 "explained_variance": float(1 - resid / var.clamp_min(1e-12)),
                 "dead_latents": int((state.steps_since_fired_L > cfg.dead_feature_window).sum()),
+                # over the last half of the run so far when that is shorter: its start shows the initial SAE
+                "silent_latents": int(
+                    (
+                        state.steps_since_fired_L
+                        >= min(-(-SILENT_WINDOW_SAMPLES // cfg.batch_size), max(1, (step + 1) // 2))
+                    ).sum()
+                ),
                 "lr": lr,
                 **{f"loss/{k}": float(v.detach()) for k, v in out.losses.items()},
                 **{f"coef/{k}": v for k, v in coefficients.items()},
@@ -489,7 +548,8 @@ class Trainer:
                 lr = (state.last or {}).get("lr", self.cfg.lr)
                 raise TrainingDivergedError(
                     f"SAE '{state.name}' diverged by step {state.error_ratio_step}: its squared reconstruction "
-                    f"error reached {ratio:.3g} × the inputs' squared norm (an SAE that outputs zeros scores 1; "
+                    f"error reached {ratio:.3g} × the inputs' (a transcoder's targets') squared norm "
+                    "(an SAE that outputs zeros scores 1; "
                     f"the limit is {EXPLODED_ERROR_RATIO:g}); training stopped; try a lower learning rate "
                     f"(lr={lr:g}). " + self._last_good()
                 )
@@ -529,6 +589,7 @@ class Trainer:
         return {
             "step": self.step,
             "train_config": dataclasses.asdict(self.cfg),
+            "precision": self.precision,  # `auto` resolved: what the steps so far ran in
             "norms_estimated": self.norms_estimated,
             "source": self.source.state_dict(),
             # Every rank's stream position (each reads its own share of the data).
@@ -599,8 +660,16 @@ class Trainer:
         )
         saved_cfg = ckpt["train_config"]
         ckpt_io.require_keys(saved_cfg, (), "train_config", path)
+        # Precision is compared as run (`auto` resolved); checkpoints older than `precision` had autocast_bf16.
+        used = ckpt.get("precision", "bf16" if saved_cfg.get("autocast_bf16") else "fp32")
+        if used != self.precision:
+            raise ConfigError(
+                "precision",
+                self.cfg.precision,
+                f"runs in {self.precision} here but the checkpoint's steps ran in {used}; resume with --precision {used}",
+            )
         for f in dataclasses.fields(TrainConfig):
-            if f.name in RESUME_MAY_CHANGE:
+            if f.name in RESUME_MAY_CHANGE or f.name == "precision":
                 continue
             mine = getattr(self.cfg, f.name)
             if f.name not in saved_cfg:
@@ -693,6 +762,16 @@ class Trainer:
         self.saved_step = self.step
 
 
+def _non_finite_data(x_BD: torch.Tensor, y_BE: torch.Tensor | None) -> str:
+    """'The batch's targets hold 3 NaN or infinite values. ' when the data itself is bad, else ''."""
+    parts = []
+    for what, t in (("inputs", x_BD), ("targets", y_BE)):
+        bad = 0 if t is None else int((~torch.isfinite(t)).sum())
+        if bad:
+            parts.append(f"The batch's {what} hold {bad} NaN or infinite value(s). ")
+    return "".join(parts)
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
@@ -707,46 +786,3 @@ def build_sae(arch: str, **config: Any) -> SAE:
     """Construct a registered architecture from keyword config values."""
     cls = get_sae_class(arch)
     return cls(cls.config_class(**config))
-
-
-class _ProgressBar:
-    """A rich progress bar with samples/s, loss, L0, explained variance and dead latents."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total = total
-        self.enabled = enabled
-        self._progress = None
-
-    def start(self, step: int) -> None:
-        if not self.enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-            transient=False,
-        )
-        self._progress.start()
-        self._task = self._progress.add_task("train", total=self.total, completed=step, info="")
-
-    def update(self, step: int, rate: float, states: dict[str, SAEState]) -> None:
-        if self._progress is None:
-            return
-        parts = [f"{rate:,.0f} samples/s"]
-        for name, s in list(states.items())[:3]:
-            if s.last:
-                parts.append(
-                    f"{name}: loss {s.last['loss']:.3g} L0 {s.last['l0']:.1f} "
-                    f"EV {s.last['explained_variance']:.3f} dead {s.last['dead_latents']}"
-                )
-        if len(states) > 3:
-            parts.append(f"(+{len(states) - 3} more)")
-        self._progress.update(self._task, completed=step, info=" | ".join(parts))
-
-    def stop(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
