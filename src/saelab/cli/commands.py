@@ -37,7 +37,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ),
     ("report", "One self-contained HTML report (plots embedded, no network) of a run or a results store."),
     ("train", "Train SAEs on a data stream, evaluate them (ground truth, or the spliced LM) and save a run folder."),
-    ("eval", "Score any saved SAE against a synthetic model's ground truth."),
+    ("eval", "Score any saved SAE (or transcoder, on a transcoder world) against a synthetic model's ground truth."),
     ("theory", "Closed-form results: superposition capacity, absorption."),
     ("research", "A research workspace: init, try ideas against a base, read the log, rerun."),
     ("results", "List the runs in a results store; sub-commands rank, export and plot them."),
