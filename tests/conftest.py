@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
+
+# A suite started in the background of a non-interactive shell inherits SIGINT *ignored* (POSIX), and the trainer
+# leaves an ignored signal alone, so the Ctrl-C tests would see nothing. Catching it here also gives every process
+# the tests start the default disposition (a caught signal resets to default across exec; an ignored one does not).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture
+def no_plain_imported_architectures(monkeypatch):
+    """Drop (for this test) architectures an earlier test registered by importing a user's file as a plain module
+    (`import tanh_sae`): the CLI imports the same file under its own module name, which would clash by name."""
+    from saelab.saes.registry import SAE_REGISTRY
+
+    for name, cls in list(SAE_REGISTRY.items()):
+        if not cls.__module__.startswith("saelab"):  # saelab.* built-ins and saelab_user_arch_* CLI imports stay
+            monkeypatch.delitem(SAE_REGISTRY, name)
 
 
 @pytest.fixture(scope="session")

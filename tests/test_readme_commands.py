@@ -317,7 +317,9 @@ def parse_script(script: Path, args: list[str], monkeypatch) -> None:
 
 # --------------------------------------------------------------------------------------------------- the test
 @pytest.mark.parametrize("command", COMMANDS, ids=[c.id for c in COMMANDS])
-def test_readme_command_runs(command, workspace, tiny_synthetic_model_dir, monkeypatch, capsys):
+def test_readme_command_runs(
+    command, workspace, tiny_synthetic_model_dir, monkeypatch, capsys, no_plain_imported_architectures
+):
     monkeypatch.chdir(workspace)
     monkeypatch.delenv("SAELAB_STORE", raising=False)
     sae_name = next(p.name for p in (workspace / "runs" / RUN_NAME / "saes").iterdir())
