@@ -91,3 +91,8 @@ def emulated_bf16_warning(precision: str, device: str | torch.device) -> str | N
             "and far slower than fp32; use --precision auto (fp32 here) unless you are checking numerics"
         )
     return None
+
+
+def precision_autocast(precision: str, device: str | torch.device) -> torch.autocast:
+    """The context a resolved precision runs its matmuls in: bf16 autocast for "bf16", a disabled one for "fp32"."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -7,11 +7,11 @@ from saelab.bench.protocols import PROTOCOLS, Protocol
 from saelab.cli import main
 
 
-@pytest.fixture
-def tiny(tiny_synthetic_model_dir, monkeypatch):
-    proto = Protocol(
+def install_tiny_protocol(model_dir, monkeypatch, **overrides) -> Protocol:
+    """Register (for one test) a protocol named "tiny" on the tiny synthetic model; `overrides` replace fields."""
+    fields = dict(
         name="tiny",
-        data=str(tiny_synthetic_model_dir),
+        data=str(model_dir),
         width=32,
         samples=40_000,
         batch_size=256,
@@ -22,8 +22,14 @@ def tiny(tiny_synthetic_model_dir, monkeypatch):
         eval_samples=2000,
         tiers={"quick": 4096},
     )
+    proto = Protocol(**{**fields, **overrides})
     monkeypatch.setitem(PROTOCOLS, "tiny", proto)
     return proto
+
+
+@pytest.fixture
+def tiny(tiny_synthetic_model_dir, monkeypatch):
+    return install_tiny_protocol(tiny_synthetic_model_dir, monkeypatch)
 
 
 def run_cli(capsys, *args):

@@ -6,28 +6,14 @@ import json
 
 import pytest
 
-from saelab.bench.protocols import PROTOCOLS, Protocol
 from saelab.bench.store import ResultsStore
 from saelab.cli import main
+from tests.bench.conftest import install_tiny_protocol
 
 
 @pytest.fixture
 def tiny(tiny_synthetic_model_dir, monkeypatch):
-    proto = Protocol(
-        name="tiny",
-        data=str(tiny_synthetic_model_dir),
-        width=32,
-        samples=4096,
-        batch_size=256,
-        lr=3e-3,
-        l0_sweep=(3,),
-        natural_l0=3,
-        seeds=1,
-        eval_samples=2000,
-        tiers={"quick": 2048},
-    )
-    monkeypatch.setitem(PROTOCOLS, "tiny", proto)
-    return proto
+    return install_tiny_protocol(tiny_synthetic_model_dir, monkeypatch, samples=4096, seeds=1, tiers={"quick": 2048})
 
 
 def bench(capsys, *args):

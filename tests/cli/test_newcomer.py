@@ -15,7 +15,6 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from saelab.bench.protocols import PROTOCOLS, Protocol
 from saelab.cli import _register, app, main
 from saelab.errors import ConfigError
 from saelab.training.progress import (
@@ -25,33 +24,14 @@ from saelab.training.progress import (
     progress_line,
     progress_seconds,
 )
+from tests.bench.conftest import install_tiny_protocol, run_cli
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
-def run_cli(capsys, *args):
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
-
-
 @pytest.fixture
 def tiny(tiny_synthetic_model_dir, monkeypatch):
-    proto = Protocol(
-        name="tiny",
-        data=str(tiny_synthetic_model_dir),
-        width=32,
-        samples=8192,
-        batch_size=256,
-        lr=3e-3,
-        l0_sweep=(3,),
-        natural_l0=3,
-        seeds=2,
-        eval_samples=2000,
-    )
-    monkeypatch.setitem(PROTOCOLS, "tiny", proto)
-    return proto
+    return install_tiny_protocol(tiny_synthetic_model_dir, monkeypatch, samples=8192, tiers={})
 
 
 def command_paths() -> list[list[str]]:

@@ -14,7 +14,7 @@ from rich.table import Table
 from saelab.cli import app
 from saelab.cli.common import check_seed, json_safe, parse_count
 from saelab.cli.terminal import MediumConsole
-from saelab.devices import resolve_device
+from saelab.devices import precision_autocast, resolve_device, resolve_precision
 from saelab.errors import ConfigError
 from saelab.formatting import format_mean_sd
 from saelab.io import atomic_path
@@ -191,7 +191,6 @@ def sample(
     _positive("--batch-size", batch_size)
     _threads_ok(threads)
     device = resolve_device(device, "--device")
-    from saelab.devices import resolve_precision
 
     used = resolve_precision(precision, device, "--precision")
     if out is not None:
@@ -223,8 +222,7 @@ def _sample(
     _sync(model.device)
     t0 = time.perf_counter()
     # Only the draws run under autocast: the model above was built (and orthogonalised) in fp32.
-    low = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    with low:
+    with precision_autocast(precision, device):
         while done < samples:
             bs = min(batch_size, samples - done)
             if world:

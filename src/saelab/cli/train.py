@@ -283,9 +283,8 @@ def eval_command(
     trust_code: bool = TRUST_CODE_OPTION,
 ) -> None:
     """Score any saved SAE (or transcoder, on a transcoder world) against a synthetic model's ground truth."""
-    import torch
 
-    from saelab.devices import resolve_device, resolve_precision
+    from saelab.devices import precision_autocast, resolve_device, resolve_precision
     from saelab.runs.evaluate import score_on_ground_truth
     from saelab.saes.formats import load_pretrained
     from saelab.synthetic import load_source
@@ -301,7 +300,7 @@ def eval_command(
     if loaded.cfg.d_in != model.hidden_dim:
         raise ConfigError("sae", str(sae), f"has d_in={loaded.cfg.d_in} but {data} has hidden_dim={model.hidden_dim}")
     start = time.perf_counter()
-    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=used_precision == "bf16"):
+    with precision_autocast(used_precision, device):
         result: dict[str, Any] = score_on_ground_truth(loaded, model, n, seed=seed)  # a transcoder world too
     wall = time.perf_counter() - start
     result.update(

@@ -26,7 +26,7 @@ import torch
 
 from saelab import parallel as dist_utils
 from saelab.data.protocol import ActivationSource, PairedSource, is_paired
-from saelab.devices import PRECISIONS, emulated_bf16_warning, resolve_precision
+from saelab.devices import PRECISIONS, emulated_bf16_warning, precision_autocast, resolve_precision
 from saelab.errors import ConfigError, FileFormatError, TrainingDivergedError, TrainingInterrupted, require
 from saelab.saes.base import SAE, StepContext
 from saelab.saes.registry import get_sae_class
@@ -477,7 +477,7 @@ class Trainer:
             dead_mask_L=state.steps_since_fired_L > cfg.dead_feature_window,
             target_BE=y_BE if sae.cfg.d_out is not None else None,
         )
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with precision_autocast(self.precision, self.device):
             out = sae.train_forward(x_BD, ctx)
         # On CPU checking every step is free; on GPU it would sync, so parameters are checked at
         # log and checkpoint steps instead (nothing non-finite is ever saved either way).
