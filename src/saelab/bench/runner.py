@@ -159,17 +159,23 @@ def finished_records(request: BenchRequest, seed: int, run_dir: Path) -> list[di
     saved = read_json(run_dir / "run.json")
     cfg = request.run_config(seed)
     return [
-        {
-            **{k: v for k, v in record.items() if k != "train_stats"},
-            "protocol": request.protocol.name,
-            "samples": cfg.samples,
-            "protocol_samples": request.protocol.samples,
-            "eval_samples": cfg.eval_samples,
-            "wall_seconds": saved.get("wall_seconds"),
-            "run_dir": str(run_dir),
-        }
-        for record in saved.get("results", [])
+        bench_record(request, cfg, record, saved.get("wall_seconds"), run_dir) for record in saved.get("results", [])
     ]
+
+
+def bench_record(
+    request: BenchRequest, cfg: RunConfig, record: dict[str, Any], wall_seconds: float | None, run_dir: Path
+) -> dict[str, Any]:
+    """A run's result record as bench stores and prints it: the protocol and budgets added, training stats dropped."""
+    return {
+        **{k: v for k, v in record.items() if k != "train_stats"},
+        "protocol": request.protocol.name,
+        "samples": cfg.samples,
+        "protocol_samples": request.protocol.samples,
+        "eval_samples": cfg.eval_samples,
+        "wall_seconds": wall_seconds,
+        "run_dir": str(run_dir),
+    }
 
 
 def find_resumable_stamp(request: BenchRequest) -> str:
@@ -276,16 +282,7 @@ def run_seed(
     records: list[dict[str, Any]] = []
 
     def record_result(record: dict[str, Any]) -> None:
-        record = {
-            **record,
-            "protocol": request.protocol.name,
-            "samples": cfg.samples,
-            "protocol_samples": request.protocol.samples,
-            "eval_samples": cfg.eval_samples,
-            "wall_seconds": time.perf_counter() - seed_started,
-            "run_dir": str(run_dir),
-        }
-        record.pop("train_stats", None)
+        record = bench_record(request, cfg, record, time.perf_counter() - seed_started, run_dir)
         if store is not None:
             store.finish_run(run_ids[record["name"]], record, record["wall_seconds"])
         records.append(record)
