@@ -41,3 +41,31 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return _build(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_trained(tmp_path_factory) -> Path:
+    """A tiny GPT-2 fitted to the corpus for 60 steps, so deleting a layer's MLP costs loss (a random
+    model's MLPs barely move it, which leaves CE recovered a ratio of noise). Built on one thread:
+    on a busy 2-core machine intra-op threads make these small steps ten times slower."""
+    pytest.importorskip("transformers")
+    import torch
+
+    from saelab.activations.tiny import build_tiny_causal_lm
+
+    lines = [line for line in CORPUS.read_text().splitlines() if line.strip()]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build_tiny_causal_lm(
+            tmp_path_factory.mktemp("tiny_gpt2_trained") / "model",
+            lines,
+            arch="gpt2",
+            d_model=32,
+            n_layers=3,
+            context_size=64,
+            seed=0,
+            train_steps=60,
+        )
+    finally:
+        torch.set_num_threads(threads)

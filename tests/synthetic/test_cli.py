@@ -95,6 +95,49 @@ def test_save_command(tmp_path):
     assert loaded.num_features == 50
 
 
+def test_save_with_changed_fields(tmp_path):
+    out = _json(
+        runner.invoke(
+            app,
+            [
+                "synth",
+                "save",
+                "sbw-toy",
+                "--set",
+                "seed=7",
+                "--set",
+                "bias=0.25",
+                "--out",
+                str(tmp_path / "m"),
+                "--json",
+            ],
+        )
+    )
+    assert out["set"] == {"seed": 7, "bias": 0.25}
+    loaded = synth_cli.load_source(str(tmp_path / "m"))
+    assert loaded.cfg.seed == 7 and loaded.cfg.bias == 0.25
+    assert loaded.bias_D.norm().item() == pytest.approx(0.25, rel=1e-5)
+    default = synth_cli.load_source("sbw-toy")
+    assert not torch.equal(loaded.feature_vectors_FD, default.feature_vectors_FD)  # another seed, another model
+
+
+@pytest.mark.parametrize(
+    "setting, field, fragment",
+    [
+        ("bogus=1", "--set", "not a field of tc-mini"),
+        ("skip_scale", "--set", "KEY=VALUE"),
+        ("input={}", "--set", "nested config"),
+        ("input_noise_std=-1", "input_noise_std", ">= 0"),
+        ("skip_scale=big", "skip_scale", "finite number"),
+    ],
+)
+def test_save_with_bad_fields_names_them_before_building(tmp_path, setting, field, fragment):
+    result = runner.invoke(app, ["synth", "save", "tc-mini", "--set", setting, "--out", str(tmp_path / "m")])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert result.exception.field == field and fragment in str(result.exception)
+    assert not (tmp_path / "m").exists()  # nothing written, and no minute-long build first
+
+
 def test_errors_name_the_problem():
     result = runner.invoke(app, ["synth", "describe", "not-a-preset"])
     assert result.exit_code != 0

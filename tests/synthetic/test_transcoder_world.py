@@ -102,6 +102,7 @@ def world() -> TranscoderWorld:
         ("fanout_gain_ratio", 1.0),
         ("skip_scale", -0.1),
         ("noise_std", float("nan")),
+        ("input_noise_std", -0.5),
         ("min_cofire_rate", 0.0),
         ("pilot_samples", 0),
         ("seed", -1),
@@ -228,6 +229,25 @@ def test_noise_has_the_configured_std(world):
     assert abs(float(eps.double().mean())) < Z * world.cfg.noise_std / math.sqrt(n * world.d_out)
 
 
+def test_input_noise_is_dense_gaussian_and_the_skip_reads_the_noisy_input():
+    sigma = 0.7
+    noisy = TranscoderWorld(small_world_config(noise_std=0.0, input_noise_std=sigma))
+    n = 4000
+    x_BD, y_BE, a_BF, c_BF = noisy.sample_with_features(n)
+    model = noisy.input_model
+    xi_BD = x_BD - (a_BF @ model.feature_vectors_FD + model.bias_D)
+    # mean ξ² / σ² is χ²_N / N with N = n·d_in: sd √(2/N); float32 rounding adds < 1e-4.
+    ratio = float(xi_BD.double().pow(2).mean()) / sigma**2
+    assert abs(ratio - 1) < Z * math.sqrt(2 / (n * noisy.d_in)) + 1e-4
+    # Dense: every coordinate of every sample moves (a zero has probability 0 under a Gaussian).
+    assert bool((xi_BD != 0).all())
+    # S acts on the noisy input: y − Σ c u − b_out = S x exactly, not S (x − ξ).
+    expected = c_BF @ noisy.u_out_FE + x_BD @ noisy.skip_ED.T + noisy.bias_out_E
+    torch.testing.assert_close(y_BE, expected, atol=1e-4, rtol=1e-5)
+    d = describe_transcoder_world(noisy, n_samples=n, seed=2)
+    assert d["input_noise_std"] == sigma and 0 < d["input_noise_var_fraction"] < 1
+
+
 # ----------------------------------------------------------------------------- streams
 
 
@@ -345,6 +365,8 @@ def test_tc_mini_describe_and_sample_cli(tmp_path, monkeypatch):
     # Input L0 of synth-mini is 16.05 (SAELens); 4,000 samples give SE ≈ 0.07.
     assert info["true_l0"] == pytest.approx(16.05, abs=Z * 0.07)
     assert info["noise_var_fraction"] > 0 and info["skip_var_fraction"] > 0 and info["feature_var_fraction"] > 0.5
+    # Dense input noise std 1 on a clean input of ≈ 1.45 variance per dimension: ≈ 0.41 of x's variance.
+    assert info["input_noise_std"] == 1.0 and 0.3 < info["input_noise_var_fraction"] < 0.5
     out_file = tmp_path / "s.safetensors"
     result = runner.invoke(
         app,

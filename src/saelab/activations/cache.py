@@ -3,8 +3,11 @@
 Layout of a cache folder:
 
     manifest.json              format, model, layer, hook module, d_in, dtype, context size,
-                               dataset, and one entry per *complete* shard (file, rows, bytes)
-    shard_00000.safetensors    one tensor "activations" [rows, d_in] (already shuffled)
+                               dataset, and one entry per *complete* shard (file, rows, bytes);
+                               a paired cache also out_hook_module and d_out
+    shard_00000.safetensors    one tensor "activations" [rows, d_in] (already shuffled); in a
+                               paired cache (`saelab cache --out-hook-module`, for transcoders)
+                               also "targets" [rows, d_out]: row i of both is the same token
     writer_state.safetensors   the writer's position (tensors, plus a JSON skeleton in the header), so an
                                interrupted `saelab cache` continues. Never a pickle: loading runs no code
 
@@ -26,7 +29,7 @@ from typing import Any
 
 import torch
 
-from saelab.activations.files import RowFileSource, RowSegment, safetensors_segment
+from saelab.activations.files import PairedRowFileSource, RowFileSource, RowSegment, safetensors_segment
 from saelab.dtypes import dtype_from_name
 from saelab.errors import ConfigError, FileFormatError, require
 from saelab.io import atomic_path, write_json_atomic
@@ -36,12 +39,21 @@ STATE_FILE = "writer_state.safetensors"
 STATE_FORMAT = "saelab-cache-writer-state-v1"
 OLD_STATE_FILE = "writer_state.pt"  # the pickle format of earlier versions: refused, never loaded
 _TENSOR_KEY = "__tensor__"
-IDENTITY_KEYS = ("model_fingerprint", "layer", "hook_module", "d_in")
+IDENTITY_KEYS = ("model_fingerprint", "layer", "hook_module", "d_in", "out_hook_module", "d_out")
+TARGET_KEY = "targets"  # a paired cache's target tensor in each shard, beside "activations"
 STORED_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _identity_text(m: dict[str, Any]) -> str:
-    return f"model {m.get('model')!r} module {m.get('hook_module')!r} (layer {m.get('layer')}), d_in {m.get('d_in')}"
+    text = f"model {m.get('model')!r} module {m.get('hook_module')!r} (layer {m.get('layer')}), d_in {m.get('d_in')}"
+    if m.get("out_hook_module") is not None:
+        text += f", output module {m['out_hook_module']!r}, d_out {m.get('d_out')}"
+    return text
+
+
+def is_paired_manifest(manifest: dict[str, Any]) -> bool:
+    """Whether a cache holds (input, target) pairs: written with an output hook, for transcoders."""
+    return manifest.get("d_out") is not None
 
 
 def check_identity(manifest: dict[str, Any], expected: dict[str, Any], where: str) -> None:
@@ -84,6 +96,11 @@ def _check_manifest(path: Path, m: dict[str, Any]) -> None:
     for field in ("d_in", "total_rows"):
         if not isinstance(m.get(field), int) or isinstance(m.get(field), bool) or m[field] < 0:
             raise bad(field, "must be a non-negative integer")
+    if m.get("d_out") is not None or m.get("out_hook_module") is not None:  # a paired cache: both, or neither
+        if not isinstance(m.get("d_out"), int) or isinstance(m.get("d_out"), bool) or m["d_out"] <= 0:
+            raise bad("d_out", "must be a positive integer in a paired cache (one with out_hook_module)")
+        if not isinstance(m.get("out_hook_module"), str):
+            raise bad("out_hook_module", "must name the output hook in a paired cache (one with d_out)")
     if m.get("dtype") not in STORED_DTYPES:
         raise bad("dtype", f"must be one of {', '.join(STORED_DTYPES)}")
     shards = m.get("shards")
@@ -133,6 +150,15 @@ def open_cache(
     cache_dir: str | Path, expected: dict[str, Any] | None = None
 ) -> tuple[dict[str, Any], list[RowSegment]]:
     """(manifest, segments) of a cache, after the identity and truncation checks."""
+    manifest, segments, _ = open_cache_pairs(cache_dir, expected)
+    return manifest, segments
+
+
+def open_cache_pairs(
+    cache_dir: str | Path, expected: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], list[RowSegment], list[RowSegment] | None]:
+    """(manifest, input segments, target segments or None) of a cache, after the identity,
+    truncation and alignment checks: a paired shard's targets have as many rows as its inputs."""
     cache_dir = Path(cache_dir)
     manifest = read_manifest(cache_dir)
     if expected:
@@ -149,19 +175,34 @@ def open_cache(
                 f"the manifest records [{shard['rows']}, {manifest['d_in']}]"
             )
         segments.append(seg)
-    return manifest, segments
+    if not is_paired_manifest(manifest):
+        return manifest, segments, None
+    targets = []
+    for shard, seg in zip(manifest["shards"], segments):
+        target = safetensors_segment(cache_dir / shard["file"], key=TARGET_KEY)
+        if target.n != seg.n or target.d_in != manifest["d_out"]:
+            raise FileFormatError(
+                f"cache {cache_dir}: shard {shard['file']} holds inputs [{seg.n}, {seg.d_in}] but targets "
+                f"[{target.n}, {target.d_in}]; a paired shard needs [rows, d_in] and [rows, d_out={manifest['d_out']}] "
+                f"with the same rows. Write the cache again"
+            )
+        targets.append(target)
+    return manifest, segments, targets
 
 
 def cache_source(
     cache_dir: str | Path, expected: dict[str, Any] | None = None, eval_rows: int = 0, split: str = "train"
 ) -> RowFileSource:
-    """Training rows (all but the last `eval_rows`) or the held-out tail (`split="eval"`)."""
-    _, segments = open_cache(cache_dir, expected)
+    """Training rows (all but the last `eval_rows`) or the held-out tail (`split="eval"`); a paired
+    cache gives a `PairedRowFileSource` (inputs and targets at the same rows)."""
+    _, segments, targets = open_cache_pairs(cache_dir, expected)
     total = sum(s.n for s in segments)
     eval_rows = min(eval_rows, total // 2)
-    if split == "eval":
-        return RowFileSource(segments, start=total - max(eval_rows, 1), rank=0, world_size=1)
-    return RowFileSource(segments, start=0, stop=total - eval_rows)
+    start, stop = (total - max(eval_rows, 1), total) if split == "eval" else (0, total - eval_rows)
+    rank_world: dict[str, Any] = {"rank": 0, "world_size": 1} if split == "eval" else {}
+    if targets is not None:
+        return PairedRowFileSource(segments, targets, start=start, stop=stop, **rank_world)
+    return RowFileSource(segments, start=start, stop=stop, **rank_world)
 
 
 # ----------------------------------------------------------------------------------------- writer state
@@ -258,6 +299,9 @@ def _resume_state(cache_dir: Path, manifest: dict[str, Any]) -> dict[str, Any] |
         extra = rows - manifest["total_rows"]
         shard = cache_dir / name
         seg = safetensors_segment(shard, key="activations") if extra > 0 and shard.is_file() else None
+        if seg is not None and is_paired_manifest(manifest):
+            target = safetensors_segment(shard, key=TARGET_KEY)
+            seg = seg if (target.n, target.d_in) == (extra, manifest["d_out"]) else None
         if seg is None or seg.n != extra or seg.d_in != manifest["d_in"]:
             raise FileFormatError(
                 f"{state_path} is at row {rows} but manifest.json records {manifest['total_rows']} "
@@ -281,19 +325,34 @@ def write_cache(
 ) -> dict[str, Any]:
     """Write `tokens` rows from `source` (an LM source: already shuffled) into shards; resumable.
 
-    `identity`: model, layer, hook_module, d_in (checked against an existing manifest). Returns the
-    manifest plus timings (`write_seconds`, `produce_seconds`)."""
+    `identity`: model, layer, hook_module, d_in (checked against an existing manifest); with
+    out_hook_module and d_out the source must be paired (`d_out`, `next_pair`) and each shard holds
+    its inputs and targets. Returns the manifest plus timings (`write_seconds`, `produce_seconds`)."""
     require(isinstance(tokens, int) and tokens > 0, "tokens", tokens, "must be a positive integer")
     require(
         isinstance(shard_tokens, int) and shard_tokens > 0, "shard_tokens", shard_tokens, "must be a positive integer"
     )
     stored_dtype = dtype_from_name(dtype, "dtype", allowed=STORED_DTYPES)
+    paired = identity.get("d_out") is not None
+    if paired and (getattr(source, "d_out", None) != identity["d_out"] or not hasattr(source, "next_pair")):
+        raise ConfigError(
+            "d_out",
+            identity["d_out"],
+            f"a paired cache needs a paired source of that target width, got {type(source).__name__}",
+        )
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     state_path = cache_dir / STATE_FILE
     if (cache_dir / "manifest.json").exists():
         manifest = read_manifest(cache_dir)
         check_identity(manifest, identity, str(cache_dir))
+        if is_paired_manifest(manifest) and not paired:
+            raise ConfigError(
+                "cache",
+                str(cache_dir),
+                f"holds paired rows (output module {manifest['out_hook_module']!r}); continue it with the same "
+                f"--out-hook-module, or use another cache folder",
+            )
         if manifest["dtype"] != dtype:
             raise ConfigError("dtype", dtype, f"cache {cache_dir} is stored as {manifest['dtype']}")
         verify_shards(cache_dir, manifest)
@@ -326,11 +385,16 @@ def write_cache(
     while manifest["total_rows"] < tokens:
         n = min(shard_tokens, tokens - manifest["total_rows"])
         t0 = time.perf_counter()
-        acts_ND = source.next_batch(n).to(stored_dtype).contiguous()
+        if paired:  # one file per shard: its inputs and targets appear (and vanish) together
+            x_ND, y_NE = source.next_pair(n)
+            tensors = {"activations": x_ND, TARGET_KEY: y_NE}
+        else:
+            tensors = {"activations": source.next_batch(n)}
+        tensors = {k: v.to(stored_dtype).contiguous() for k, v in tensors.items()}
         t1 = time.perf_counter()
         name = f"shard_{len(manifest['shards']):05d}.safetensors"
         with atomic_path(cache_dir / name) as tmp:
-            save_file({"activations": acts_ND}, str(tmp))
+            save_file(tensors, str(tmp))
         save_writer_state(state_path, source.state_dict(), manifest["total_rows"] + n)
         manifest["shards"].append({"file": name, "rows": n, "bytes": (cache_dir / name).stat().st_size})
         manifest["total_rows"] += n

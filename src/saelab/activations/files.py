@@ -189,3 +189,47 @@ class RowFileSource:
                 f"differ from the checkpoint's rows {state['rows']}: resume on the same data",
             )
         self.position = int(state["position"])
+
+
+class PairedRowFileSource(RowFileSource):
+    """Inputs and their targets (a paired cache: an MLP's input and output), read at the same rows.
+
+    Implements the paired-source protocol: `next_pair` gives ([B, d_in], [B, d_out]) of the same
+    positions; `next_batch` gives the inputs and moves both on."""
+
+    def __init__(
+        self,
+        segments: list[RowSegment],
+        target_segments: list[RowSegment],
+        start: int = 0,
+        stop: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        super().__init__(segments, start=start, stop=stop, rank=rank, world_size=world_size)
+        counts = [s.n for s in segments], [t.n for t in target_segments]
+        if counts[0] != counts[1]:
+            bad = (
+                next(i for i, (a, b) in enumerate(zip(*counts)) if a != b) if len(counts[0]) == len(counts[1]) else None
+            )
+            where = (
+                f"{segments[bad].path}: {counts[0][bad]} inputs, {counts[1][bad]} targets" if bad is not None else ""
+            )
+            raise FileFormatError(
+                f"inputs and targets are not row-aligned ({sum(counts[0])} input rows in {len(counts[0])} segments, "
+                f"{sum(counts[1])} target rows in {len(counts[1])} segments{'; ' + where if where else ''})"
+            )
+        self.targets = RowFileSource(
+            target_segments, start=start, stop=stop, rank=self.rank, world_size=self.world_size
+        )
+        self.d_out = self.targets.d_in
+
+    def next_pair(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.targets.position = self.position
+        y_BE = self.targets.next_batch(batch_size)
+        x_BD = self.next_batch(batch_size)
+        return x_BD, y_BE
+
+    def read_target_rows(self, a: int, b: int) -> torch.Tensor:
+        """Global target rows [a, b) (no wrapping)."""
+        return self.targets.read_rows(a, b)

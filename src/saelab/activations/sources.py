@@ -2,6 +2,10 @@
 
 It implements `saelab.data.ActivationSource` (rows of files and caches: `activations/files.py`).
 Under torch.distributed each rank reads every world_size-th document.
+
+With a paired HookedLM (an output hook, for transcoders) each row is an input and its target side
+by side, [x | y] of width d_in + d_out, so one shuffle (and one prefetch thread) moves both;
+`PairedRows` splits them again into the paired-source protocol's `next_pair`.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ class LMActivationSource:
         self.hooked = hooked
         self.contexts = contexts
         self.model_batch_size = model_batch_size
-        self.d_in = hooked.d_in
+        # The row width: a paired LM's rows are [x | y] (PairedRows gives them as pairs).
+        self.d_in = hooked.d_in + (hooked.d_out or 0)
         self.timings = {"tokenise": 0.0, "forward": 0.0}
         self.tokens = 0
         self.buffer = ShuffleBuffer(self._fill, self.d_in, buffer_size, seed=seed)
@@ -47,7 +52,11 @@ class LMActivationSource:
             t0 = time.perf_counter()
             batch = self.contexts.next_batch(self.model_batch_size)
             t1 = time.perf_counter()
-            acts_ND = self.hooked.activations(batch.input_ids_BS, batch.attention_mask_BS).float().cpu()
+            if self.hooked.paired:
+                x_ND, y_NE = self.hooked.paired_activations(batch.input_ids_BS, batch.attention_mask_BS)
+                acts_ND = torch.cat([x_ND.float(), y_NE.float()], dim=1).cpu()
+            else:
+                acts_ND = self.hooked.activations(batch.input_ids_BS, batch.attention_mask_BS).float().cpu()
             self.timings["tokenise"] += t1 - t0
             self.timings["forward"] += time.perf_counter() - t1
             self.tokens += acts_ND.shape[0]
@@ -64,3 +73,32 @@ class LMActivationSource:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.contexts.load_state_dict(state["contexts"])
         self.buffer.load_state_dict(state["buffer"])
+
+
+class PairedRows:
+    """A paired source over a source of [x | y] rows: `next_pair` splits each batch at column d_in.
+
+    `next_batch` gives the inputs alone (the trainer's norm estimate reads those). The position is
+    the inner source's, so a checkpoint resumes exactly as the inner source does."""
+
+    def __init__(self, source: Any, d_in: int, d_out: int):
+        require(
+            source.d_in == d_in + d_out,
+            "d_out",
+            d_out,
+            f"rows of width {source.d_in} cannot split into {d_in} + {d_out}",
+        )
+        self.source, self.d_in, self.d_out = source, d_in, d_out
+
+    def next_pair(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows_BW = self.source.next_batch(batch_size)
+        return rows_BW[:, : self.d_in], rows_BW[:, self.d_in :]
+
+    def next_batch(self, batch_size: int) -> torch.Tensor:
+        return self.next_pair(batch_size)[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.source.load_state_dict(state)

@@ -1,4 +1,8 @@
-"""`saelab cache`: write a local LM's activations at one layer to a safetensors shard cache."""
+"""`saelab cache`: write a local LM's activations at one layer to a safetensors shard cache.
+
+With `--out-hook-module` the cache is paired, for transcoders: each shard holds the input hook's
+activations and the output hook's at the same tokens (e.g. an MLP's input and output:
+`--hook-module transformer.h.1.mlp:input --out-hook-module transformer.h.1.mlp`)."""
 
 from __future__ import annotations
 
@@ -17,7 +21,14 @@ def cache_command(
     dataset: str = typer.Option(..., help="Text file, folder of text files, `datasets` folder or token file."),
     out_dir: Path = typer.Option(..., "--out", help="Cache folder (rerun the same command to continue it)."),
     layer: int | None = typer.Option(None, help="Hook the output of this transformer block (0-based)."),
-    hook_module: str | None = typer.Option(None, help="Hook this named module instead of --layer."),
+    hook_module: str | None = typer.Option(
+        None, help="Hook this named module's output instead of --layer; NAME:input hooks the module's input."
+    ),
+    out_hook_module: str | None = typer.Option(
+        None,
+        help="Transcoders: also store this hook's activations as targets (same syntax), e.g. "
+        "--hook-module transformer.h.1.mlp:input --out-hook-module transformer.h.1.mlp.",
+    ),
     tokens: str = typer.Option("1M", help="Activation rows (non-special tokens) to write, e.g. 1M."),
     shard_tokens: str = typer.Option("64k", help="Rows per shard."),
     text_column: str = typer.Option("text", help="Text column of a `datasets` folder."),
@@ -30,9 +41,12 @@ def cache_command(
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     json_output: bool = typer.Option(False, "--json", help="One JSON line with the manifest summary and timings."),
 ) -> None:
-    """Run the LM over the corpus up to the hooked layer and store its activations as shards."""
+    """Run the LM over the corpus up to the hooked layer and store its activations as shards.
+
+    With --out-hook-module each shard also stores the output hook's activations at the same tokens:
+    (input, target) pairs for `saelab train --cache DIR --transcoder plain|skip`."""
     from saelab.activations.cache import write_cache
-    from saelab.activations.sources import LMActivationSource
+    from saelab.activations.sources import LMActivationSource, PairedRows
     from saelab.bench.paths import check_writable_dir
     from saelab.data import DataSpec, open_data
     from saelab.devices import resolve_device
@@ -44,6 +58,7 @@ def cache_command(
         model=model,
         layer=layer,
         hook_module=hook_module,
+        out_hook_module=out_hook_module,
         dataset=dataset,
         text_column=text_column,
         context_size=context_size,
@@ -55,8 +70,9 @@ def cache_command(
     total = parse_count(tokens, "tokens")
     shard_rows = parse_count(shard_tokens, "shard_tokens")
     source = open_data(spec, device=device, seed=seed).source
-    assert isinstance(source, LMActivationSource)  # a model and a dataset, no prefetch thread
-    identity = source.hooked.identity()
+    lm_source = source.source if isinstance(source, PairedRows) else source
+    assert isinstance(lm_source, LMActivationSource)  # a model and a dataset, no prefetch thread
+    identity = lm_source.hooked.identity()
     extra = {"dataset": str(Path(dataset).expanduser().resolve()), "context_size": context_size}
     started = time.perf_counter()
     progress = None
@@ -86,18 +102,20 @@ def cache_command(
         "rows": manifest["total_rows"],
         "shards": len(manifest["shards"]),
         "d_in": manifest["d_in"],
+        **({"d_out": manifest["d_out"]} if manifest.get("d_out") is not None else {}),
         "dtype": manifest["dtype"],
         "wall_seconds": wall,
-        "tokens_per_second": source.tokens / max(wall, 1e-9),
-        "tokenise_seconds": source.timings["tokenise"],
-        "forward_seconds": source.timings["forward"],
+        "tokens_per_second": lm_source.tokens / max(wall, 1e-9),
+        "tokenise_seconds": lm_source.timings["tokenise"],
+        "forward_seconds": lm_source.timings["forward"],
         "write_seconds": manifest["write_seconds"],
     }
     if json_output:
         print_json(summary)
         return
+    width = f"{summary['d_in']} → {summary['d_out']} (input → target)" if "d_out" in summary else summary["d_in"]
     out.print(
-        f"{summary['rows']:,} rows of width {summary['d_in']} in {summary['shards']} shards at {out_dir} "
+        f"{summary['rows']:,} rows of width {width} in {summary['shards']} shards at {out_dir} "
         f"({summary['tokens_per_second']:,.0f} tokens/s; tokenise {summary['tokenise_seconds']:.1f} s, "
         f"forward {summary['forward_seconds']:.1f} s, write {summary['write_seconds']:.1f} s)"
     )

@@ -21,6 +21,7 @@ from saelab.io import atomic_path
 from saelab.synthetic import (
     REFERENCE_STATS,
     TranscoderWorld,
+    build_from_config,
     describe_model,
     describe_transcoder_world,
     list_all_presets,
@@ -329,19 +330,28 @@ def save(
         ..., "--out", help="Folder to write (saelab format, also readable by SAELens when possible)."
     ),
     threads: int | None = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's choice)."),
+    overrides: list[str] = typer.Option(
+        [],
+        "--set",
+        help="KEY=VALUE: change a top-level field of the preset's config before building "
+        "(repeatable), e.g. --set skip_scale=0 for a tc-mini world without a skip part.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Build a preset and save it."""
+    """Build a preset (optionally with changed fields) and save it."""
     if preset not in list_all_presets():
         raise ConfigError("preset", preset, f"unknown preset; valid presets are {', '.join(list_all_presets())}")
     _threads_ok(threads)
     from saelab.bench.paths import check_writable_dir
+    from saelab.synthetic.presets import parse_overrides, preset_with_overrides
 
-    check_writable_dir(out, "--out")  # before the build, which can take minutes
+    changes = parse_overrides(overrides)
+    cfg = preset_with_overrides(preset, changes)  # validated before the build, which can take minutes
+    check_writable_dir(out, "--out")
     with torch_threads(threads):
-        model = load_source(preset)
+        model = build_from_config(cfg) if changes else load_source(preset)
     save_synthetic_model(model, out)
-    result = {"preset": preset, "out": str(out), "build_seconds": model.build_seconds}
+    result = {"preset": preset, "set": changes, "out": str(out), "build_seconds": model.build_seconds}
     if as_json:
         _print_json(result)
     else:

@@ -25,6 +25,7 @@ from saelab.cli.common import (
 )
 from saelab.cli.options import config_command
 from saelab.errors import ConfigError
+from saelab.metrics.lm import SPLICE_DETAIL_KEYS
 from saelab.metrics.names import (
     LANGUAGE_MODEL,
     TRANSCODER_RUN_METRICS,
@@ -42,6 +43,11 @@ REAL_COLUMNS = [("name", "SAE", "{}"), *table_columns(REAL_METRICS)]
 # Transcoders (--transcoder plain|skip, or a saved one on a transcoder world): the synthetic line plus the target's metrics.
 TRANSCODER_JSON_KEYS = [*SYNTHETIC_METRICS, *TRANSCODER_RUN_METRICS, *JSON_KEYS[len(SYNTHETIC_METRICS) :]]
 TRANSCODER_COLUMNS = [*METRIC_COLUMNS, *table_columns(TRANSCODER_RUN_METRICS)]
+# A transcoder on a real model's hooks (--out-hook-module, or a paired cache): the target's FVU and the
+# parts of CE recovered (clean / spliced / zero-ablated CE, KL of the zero-ablation) when spliced in.
+REAL_TRANSCODER_METRICS = (*REAL_METRICS, "fvu", "skip_norm", *SPLICE_DETAIL_KEYS)
+REAL_TRANSCODER_JSON_KEYS = [*REAL_TRANSCODER_METRICS, "samples_per_second", "compute_precision", "run_dir"]
+REAL_TRANSCODER_COLUMNS = [*REAL_COLUMNS, *table_columns(("fvu",))]
 
 
 # Config fields a run sets itself: an --option for them would contradict --width, the data or --device.
@@ -174,6 +180,7 @@ def train(
     cfg = dataclasses.replace(config, device=resolve_device(device), arch_options=_parse_options(option, config.arch))
     arch, data, model, cache, activations = cfg.arch, cfg.data, cfg.model, cfg.cache, cfg.activations
     real = not cfg.has_ground_truth
+    _check_paired_needs_transcoder(cfg)
     if out_dir is None:
         if resume:
             raise ConfigError("resume", True, "needs --out naming the run folder to resume")
@@ -185,7 +192,10 @@ def train(
             out.print(note)
     result = run_training(cfg, out_dir, resume=resume, progress=not json_output)
     transcoder = cfg.transcoder != "none"
-    keys = REAL_JSON_KEYS if real else TRANSCODER_JSON_KEYS if transcoder else JSON_KEYS
+    if real:
+        keys = REAL_TRANSCODER_JSON_KEYS if transcoder else REAL_JSON_KEYS
+    else:
+        keys = TRANSCODER_JSON_KEYS if transcoder else JSON_KEYS
     from saelab.runs.warnings import budget_of_run, run_warnings
 
     warned = {r["name"]: run_warnings(r, budget_of_run(cfg)) for r in result.results}
@@ -207,7 +217,9 @@ def train(
     if real:
         out.print(
             results_table(
-                f"{model or cache or ', '.join(activations)}: reconstruction metrics", result.results, REAL_COLUMNS
+                f"{model or cache or ', '.join(activations)}: reconstruction metrics",
+                result.results,
+                REAL_TRANSCODER_COLUMNS if transcoder else REAL_COLUMNS,
             )
         )
     else:
@@ -216,6 +228,30 @@ def train(
     out.print(f"{result.samples_per_second:,.0f} samples/s, {result.wall_seconds:.1f} s; run folder: {result.run_dir}")
     for line in (w for ws in warned.values() for w in ws):
         print(f"warning: {line}", file=sys.stderr, flush=True)  # plain print: one unwrapped line each
+
+
+def _check_paired_needs_transcoder(cfg: RunConfig) -> None:
+    """(input, target) pairs from a real model (--out-hook-module, or a cache written with one) are
+    for transcoders: without --transcoder the run is refused rather than silently training SAEs on x."""
+    if cfg.transcoder != "none":
+        return
+    if cfg.out_hook_module is not None:
+        where, out_hook = "--out-hook-module", cfg.out_hook_module
+    elif cfg.cache:
+        from saelab.activations.cache import is_paired_manifest, read_manifest
+
+        manifest = read_manifest(cfg.cache)
+        if not is_paired_manifest(manifest):
+            return
+        where, out_hook = f"cache {cfg.cache}", manifest["out_hook_module"]
+    else:
+        return
+    raise ConfigError(
+        "transcoder",
+        cfg.transcoder,
+        f"{where} gives (input, target) pairs (targets from {out_hook}): pass --transcoder plain or "
+        "--transcoder skip to train transcoders on them (for SAEs on the inputs, leave out the output hook)",
+    )
 
 
 def _init_from_defaults(config: RunConfig, ctx: typer.Context) -> tuple[RunConfig, list[str]]:

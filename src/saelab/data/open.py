@@ -34,6 +34,7 @@ class OpenedData:
     identity: dict[str, Any]
     ground_truth: Any | None = None  # the SyntheticModel (features, firing) for `synthetic` data
     held_out_ND: torch.Tensor | None = None  # rows kept out of training, for row-reconstruction metrics
+    held_out_target_NE: torch.Tensor | None = None  # their targets, for a paired cache (transcoders)
     hooked: HookedLM | None = None  # the HookedLM when a model is given
     _closers: list[Any] = field(default_factory=list, repr=False)
 
@@ -109,7 +110,12 @@ def open_data(
         from saelab.activations.hooked_lm import HookedLM
 
         hooked = HookedLM.from_pretrained(
-            spec.model, layer=spec.layer, hook_module=spec.hook_module, device=device, dtype=spec.model_dtype
+            spec.model,
+            layer=spec.layer,
+            hook_module=spec.hook_module,
+            device=device,
+            dtype=spec.model_dtype,
+            out_hook_module=spec.out_hook_module,
         )
     if spec.kind in ("cache", "files"):
         return _open_rows(spec, hooked, eval_rows)
@@ -130,32 +136,50 @@ def open_data(
     lm_source: Any = LMActivationSource(
         hooked, contexts, model_batch_size=spec.model_batch_size, buffer_size=spec.buffer_size, seed=seed * 31 + r
     )
-    opened = OpenedData(spec=spec, d_in=lm_source.d_in, source=lm_source, identity=hooked.identity(), hooked=hooked)
+    opened = OpenedData(spec=spec, d_in=hooked.d_in, source=lm_source, identity=hooked.identity(), hooked=hooked)
     if spec.prefetch and split == "train":
         from saelab.activations.buffer import PrefetchSource
 
         opened.source = PrefetchSource(lm_source, split_batch(batch_size))
         opened._closers.append(opened.source)
+    if hooked.d_out is not None:  # rows are [x | y]: hand them out as pairs
+        from saelab.activations.sources import PairedRows
+
+        opened.source = PairedRows(opened.source, hooked.d_in, hooked.d_out)
     return opened
 
 
 def _open_rows(spec: DataSpec, hooked: HookedLM | None, eval_rows: int) -> OpenedData:
-    from saelab.activations.files import RowFileSource, file_segments
+    from saelab.activations.files import PairedRowFileSource, RowFileSource, file_segments
 
     lm_eval = hooked is not None and bool(spec.dataset)  # spliced-LM metrics replace row metrics
+    targets = None
     if spec.cache:
-        from saelab.activations.cache import open_cache
+        from saelab.activations.cache import open_cache_pairs
 
-        manifest, segments = open_cache(spec.cache, hooked.identity() if hooked is not None else None)
+        manifest, segments, targets = open_cache_pairs(spec.cache, hooked.identity() if hooked is not None else None)
+        if hooked is not None and targets is not None and not hooked.paired:
+            raise ConfigError(
+                "out_hook_module",
+                None,
+                f"cache {spec.cache} holds (input, target) pairs for the output module "
+                f"{manifest['out_hook_module']!r}: with --model, pass --out-hook-module {manifest['out_hook_module']}",
+            )
         total = sum(s.n for s in segments)
         n_eval = 0 if lm_eval else min(eval_rows, total // 2)
         identity = {k: manifest.get(k) for k in ("model", "model_fingerprint", "layer", "hook_module", "d_in")}
+        if targets is not None:
+            identity.update(out_hook_module=manifest["out_hook_module"], d_out=manifest["d_out"])
     else:
         segments = file_segments(spec.activations)
         total = sum(s.n for s in segments)
         n_eval = 0 if lm_eval else min(eval_rows, total // 10)
         identity = {"activations": list(spec.activations), "d_in": segments[0].d_in}
-    source = RowFileSource(segments, stop=total - n_eval)
+    source = (
+        RowFileSource(segments, stop=total - n_eval)
+        if targets is None
+        else PairedRowFileSource(segments, targets, stop=total - n_eval)
+    )
     if hooked is not None and hooked.d_in != source.d_in:
         raise ConfigError(
             "activations",
@@ -163,6 +187,15 @@ def _open_rows(spec: DataSpec, hooked: HookedLM | None, eval_rows: int) -> Opene
             f"have width {source.d_in}, but {hooked.hook_module} of {spec.model} has width {hooked.d_in}",
         )
     held_out_ND = source.read_rows(total - n_eval, total) if n_eval else None
+    held_out_target_NE = None
+    if n_eval and isinstance(source, PairedRowFileSource):
+        held_out_target_NE = source.read_target_rows(total - n_eval, total)
     return OpenedData(
-        spec=spec, d_in=source.d_in, source=source, identity=identity, held_out_ND=held_out_ND, hooked=hooked
+        spec=spec,
+        d_in=source.d_in,
+        source=source,
+        identity=identity,
+        held_out_ND=held_out_ND,
+        held_out_target_NE=held_out_target_NE,
+        hooked=hooked,
     )

@@ -6,7 +6,8 @@ Exactly one kind of data per spec:
 - `files`: `activations` lists [N, d_in] files (.npy and .safetensors are memory-mapped; .pt/.pth
   are read with `torch.load(weights_only=True)`, so a pickle in them never runs).
 - `cache`: a folder written by `saelab cache`.
-- `lm`: a local Hugging Face causal LM (`model`, `layer` or `hook_module`) run over `dataset`.
+- `lm`: a local Hugging Face causal LM (`model`, `layer` or `hook_module`) run over `dataset`;
+  with `out_hook_module` too, (input, target) pairs for transcoders (e.g. an MLP's input and output).
 
 `cache`/`activations` may be combined with `model` (its identity is checked against the cache and,
 with a `dataset`, the spliced-LM metrics are computed).
@@ -43,7 +44,17 @@ class DataSpec:
         default=None, metadata=_help("Local Hugging Face causal-LM folder (nothing is downloaded).")
     )
     layer: int | None = field(default=None, metadata=_help("Hook the output of this transformer block (0-based)."))
-    hook_module: str | None = field(default=None, metadata=_help("Hook this named module instead of --layer."))
+    hook_module: str | None = field(
+        default=None,
+        metadata=_help("Hook this named module's output instead of --layer; NAME:input hooks the module's input."),
+    )
+    out_hook_module: str | None = field(
+        default=None,
+        metadata=_help(
+            "Transcoders: the target hook, e.g. --hook-module transformer.h.1.mlp:input --out-hook-module "
+            "transformer.h.1.mlp (an MLP's input and output; NAME:input hooks a module's input)."
+        ),
+    )
     dataset: str | None = field(
         default=None, metadata=_help("Text file, folder of text files, `datasets` save_to_disk folder or token file.")
     )
@@ -96,6 +107,13 @@ class DataSpec:
             )
         if self.layer is not None:
             require(isinstance(self.layer, int) and self.layer >= 0, "layer", self.layer, "must be an integer ≥ 0")
+        if self.out_hook_module is not None:
+            require(
+                bool(self.model),
+                "out_hook_module",
+                self.out_hook_module,
+                "needs --model (the LM whose module it names; a cache records its own hooks)",
+            )
         if self.cache and self.activations:
             raise ConfigError("activations", self.activations, "give either --cache or --activations, not both")
         if not (self.model or self.cache or self.activations):
@@ -140,4 +158,7 @@ class DataSpec:
             return f"cache {self.cache}"
         if self.kind == "files":
             return ", ".join(self.activations)
-        return f"{self.model} @ {self.hook_module or f'layer {self.layer}'} on {self.dataset}"
+        hook = self.hook_module or f"layer {self.layer}"
+        if self.out_hook_module:
+            hook += f" → {self.out_hook_module}"
+        return f"{self.model} @ {hook} on {self.dataset}"

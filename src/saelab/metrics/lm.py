@@ -1,4 +1,4 @@
-"""Metrics for an SAE spliced into the LM: CE loss recovered, KL divergence, EV, L0, dead latents.
+"""Metrics for an SAE or transcoder spliced into the LM: CE loss recovered, KL divergence, EV, L0, dead latents.
 
 For each held-out context the LM runs three times: clean, with the hooked activations of the
 non-special tokens replaced by the SAE's reconstruction, and with them replaced by zeros.
@@ -8,6 +8,11 @@ non-special tokens replaced by the SAE's reconstruction, and with them replaced 
 (1: the splice costs nothing; 0: as bad as deleting the layer's output). KL divergences are
 KL(p_clean ‖ p_spliced) per predicted token, averaged. Next-token losses count positions whose
 input and target are both real tokens (padding is never a target).
+
+A transcoder (`cfg.d_out` set) on a paired HookedLM (input and output hooks, e.g. an MLP's input
+and output) replaces the output hook's activations y by its prediction ŷ = decode(encode(x)) + skip
+from the input hook's x, inside the same forward pass; "zero" then zeroes y (the MLP's output), and
+`fvu` = E‖y − ŷ‖² / (E‖y‖² − ‖E y‖²) = 1 − explained_variance of the target.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch.nn.functional as F
 
 from saelab.activations.hooked_lm import HookedLM
 from saelab.activations.text import TokenBatch
+from saelab.errors import ConfigError, require
 from saelab.metrics.reconstruction import ReconstructionCalculator
 
 
@@ -38,6 +44,12 @@ def _kl(clean_BSV: torch.Tensor, other_BSV: torch.Tensor, valid_BS: torch.Tensor
     return kl_BS[valid_BS]
 
 
+# Besides ce_loss_recovered and kl_div (metrics/names.py): the parts they are computed from.
+SPLICE_DETAIL_KEYS = ("ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablation", "kl_div_zero_ablation")
+
+Logits = Callable[[TokenBatch], torch.Tensor]  # a token batch → [B, S, V] logits of one kind of pass
+
+
 @torch.no_grad()
 def spliced_lm_metrics(
     hooked: HookedLM,
@@ -46,6 +58,37 @@ def spliced_lm_metrics(
     on_acts: Callable[[torch.Tensor], None] | None = None,
 ) -> dict[str, float]:
     """CE clean / spliced / zero-ablated, CE loss recovered and KL, with any replacement function."""
+
+    def splice(acts_ND: torch.Tensor) -> torch.Tensor:
+        if on_acts is not None:
+            on_acts(acts_ND)
+        return reconstruct(acts_ND)
+
+    return _splice_metrics(
+        hooked,
+        batches,
+        lambda b: hooked.logits(b.input_ids_BS, b.attention_mask_BS, replace=splice),
+        lambda b: hooked.logits(b.input_ids_BS, b.attention_mask_BS, replace=torch.zeros_like),
+    )
+
+
+@torch.no_grad()
+def replaced_output_lm_metrics(
+    hooked: HookedLM, batches: Iterable[TokenBatch], predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> dict[str, float]:
+    """The same metrics with the output hook's y replaced by predict(x, y) (x: the input hook's
+    activations): a transcoder standing in for an MLP. Zero-ablation zeroes y."""
+    return _splice_metrics(
+        hooked,
+        batches,
+        lambda b: hooked.logits(b.input_ids_BS, b.attention_mask_BS, predict=predict),
+        lambda b: hooked.logits(b.input_ids_BS, b.attention_mask_BS, predict=lambda _x, y: torch.zeros_like(y)),
+    )
+
+
+def _splice_metrics(
+    hooked: HookedLM, batches: Iterable[TokenBatch], spliced_logits: Logits, zero_logits: Logits
+) -> dict[str, float]:
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0, "kl_zero": 0.0}
     n_tokens = 0
     for batch in batches:
@@ -53,15 +96,9 @@ def spliced_lm_metrics(
         valid_BS = (mask_BS[:, :-1].bool() & mask_BS[:, 1:].bool()).to(hooked.device)
         if not valid_BS.any():
             continue
-
-        def splice(acts_ND: torch.Tensor) -> torch.Tensor:
-            if on_acts is not None:
-                on_acts(acts_ND)
-            return reconstruct(acts_ND)
-
         clean = hooked.logits(ids_BS, mask_BS)
-        spliced = hooked.logits(ids_BS, mask_BS, replace=splice)
-        zero = hooked.logits(ids_BS, mask_BS, replace=torch.zeros_like)
+        spliced = spliced_logits(batch)
+        zero = zero_logits(batch)
         sums["clean"] += float(_token_losses(clean, ids_BS, valid_BS).sum())
         sums["spliced"] += float(_token_losses(spliced, ids_BS, valid_BS).sum())
         sums["zero"] += float(_token_losses(zero, ids_BS, valid_BS).sum())
@@ -85,7 +122,10 @@ def spliced_lm_metrics(
 
 @torch.no_grad()
 def evaluate_sae_on_lm(sae: Any, hooked: HookedLM, batches: Iterable[TokenBatch]) -> dict[str, Any]:
-    """Spliced-LM metrics plus EV, MSE, L0 and dead latents on the hooked activations."""
+    """Spliced-LM metrics plus EV, MSE, L0 and dead latents on the hooked activations (a transcoder:
+    spliced in place of the output hook, with its target's FVU; see the module docstring)."""
+    if getattr(sae.cfg, "d_out", None) is not None:
+        return evaluate_transcoder_on_lm(sae, hooked, batches)
     calc = ReconstructionCalculator(sae.cfg.d_sae)
     sae_device = sae.W_dec_LD.device
 
@@ -101,15 +141,79 @@ def evaluate_sae_on_lm(sae: Any, hooked: HookedLM, batches: Iterable[TokenBatch]
     return {**{k: recon[k] for k in ("explained_variance", "mse", "l0", "dead_latents")}, **result}
 
 
+def _transcoder_step(sae: Any, x_BD: torch.Tensor, y_BE: torch.Tensor, calc: ReconstructionCalculator) -> torch.Tensor:
+    """ŷ = decode(encode(x)) + x W_skipᵀ in y's units, scored against y; float32 on the SAE's device."""
+    x_BD = x_BD.float().to(sae.W_dec_LD.device)
+    codes_BL = sae.encode(x_BD)
+    y_hat_BE = sae.decode(codes_BL).float()
+    skip_BE = sae.skip_out(x_BD)
+    if skip_BE is not None:
+        y_hat_BE = y_hat_BE + sae.unscale_output(skip_BE).float()
+    calc.update(y_BE.float().to(y_hat_BE.device), codes_BL, y_hat_BE)
+    return y_hat_BE
+
+
+def _transcoder_scores(sae: Any, calc: ReconstructionCalculator) -> dict[str, Any]:
+    recon = calc.compute()
+    out = {k: recon[k] for k in ("explained_variance", "mse", "l0", "dead_latents")}
+    out["fvu"] = 1.0 - recon["explained_variance"]
+    out["skip_norm"] = float(sae.W_skip_ED.norm()) if getattr(sae.cfg, "skip", False) else None
+    return out
+
+
 @torch.no_grad()
-def evaluate_sae_on_rows(sae: Any, rows_ND: torch.Tensor, batch_size: int = 4096) -> dict[str, Any]:
-    """EV, MSE, L0 and dead latents on plain activation rows (cached or user files)."""
+def evaluate_transcoder_on_lm(sae: Any, hooked: HookedLM, batches: Iterable[TokenBatch]) -> dict[str, Any]:
+    """A transcoder in place of the paired LM's output hook: CE/KL metrics, and FVU, MSE, L0 and dead
+    latents of its prediction of the output hook's activations (explained_variance = 1 − fvu)."""
+    if not hooked.paired:
+        raise ConfigError(
+            "out_hook_module",
+            None,
+            f"the transcoder (d_out={sae.cfg.d_out}) replaces an output hook: give --out-hook-module "
+            f"(e.g. the MLP whose input --hook-module {hooked.hook_module} reads)",
+        )
+    require(
+        (sae.cfg.d_in, sae.cfg.d_out) == (hooked.d_in, hooked.d_out),
+        "sae",
+        f"d_in={sae.cfg.d_in}, d_out={sae.cfg.d_out}",
+        f"does not fit {hooked.hook_module} → {hooked.out_hook_module} (d_in={hooked.d_in}, d_out={hooked.d_out})",
+    )
+    calc = ReconstructionCalculator(sae.cfg.d_sae)
+
+    def predict(x_ND: torch.Tensor, y_NE: torch.Tensor) -> torch.Tensor:
+        return _transcoder_step(sae, x_ND, y_NE, calc).to(y_NE.device)
+
+    result = replaced_output_lm_metrics(hooked, batches, predict)
+    return {**_transcoder_scores(sae, calc), **result}
+
+
+@torch.no_grad()
+def evaluate_sae_on_rows(
+    sae: Any, rows_ND: torch.Tensor, batch_size: int = 4096, targets_NE: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """EV, MSE, L0 and dead latents on plain activation rows (cached or user files). A transcoder
+    needs the rows' `targets_NE` (a paired cache) and is scored on them, with `fvu`."""
     calc = ReconstructionCalculator(sae.cfg.d_sae)
     device = sae.W_dec_LD.device
+    transcoder = getattr(sae.cfg, "d_out", None) is not None
+    if transcoder:
+        require(
+            targets_NE is not None and targets_NE.shape[0] == rows_ND.shape[0],
+            "targets",
+            None if targets_NE is None else tuple(targets_NE.shape),
+            f"a transcoder (d_out={sae.cfg.d_out}) is scored on (input, target) rows: pass the {rows_ND.shape[0]} targets",
+        )
+        assert targets_NE is not None
     for start in range(0, rows_ND.shape[0], batch_size):
         x_BD = rows_ND[start : start + batch_size].float().to(device)
+        if transcoder:
+            assert targets_NE is not None
+            _transcoder_step(sae, x_BD, targets_NE[start : start + batch_size], calc)
+            continue
         codes_BL = sae.encode(x_BD)
         calc.update(x_BD, codes_BL, sae.decode(codes_BL).float())
+    if transcoder:
+        return _transcoder_scores(sae, calc) | {"eval_tokens": calc.compute()["n_samples"]}
     recon = calc.compute()
     return {k: recon[k] for k in ("explained_variance", "mse", "l0", "dead_latents")} | {
         "eval_tokens": recon["n_samples"]

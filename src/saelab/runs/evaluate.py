@@ -25,8 +25,8 @@ def make_evaluator(opened: OpenedData, n_samples: int, seed: int) -> Evaluator:
     if opened.held_out_ND is not None:
         from saelab.metrics.lm import evaluate_sae_on_rows
 
-        rows_ND = opened.held_out_ND
-        return lambda sae: evaluate_sae_on_rows(sae, rows_ND)
+        rows_ND, targets_NE = opened.held_out_ND, opened.held_out_target_NE  # targets: a paired cache's
+        return lambda sae: evaluate_sae_on_rows(sae, rows_ND, targets_NE=targets_NE)
     return lambda sae: {}
 
 

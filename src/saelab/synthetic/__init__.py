@@ -91,6 +91,13 @@ from saelab.synthetic.transcoder_stats import describe_transcoder_world
 CACHE_ENV_VAR = "SAELAB_SYNTH_CACHE"
 
 
+def build_from_config(cfg: Any, device: str | torch.device = "cpu") -> Any:
+    """A SyntheticModel from a SyntheticModelConfig, or a TranscoderWorld from a TranscoderWorldConfig."""
+    if isinstance(cfg, TranscoderWorldConfig):
+        return TranscoderWorld(cfg, device=device)
+    return SyntheticModel(cfg, device=device)
+
+
 def build_preset(name: str, device: str | torch.device = "cpu", cache_dir: str | os.PathLike[str] | None = None) -> Any:
     """Build the named preset (see `list_all_presets()`): a SyntheticModel, or a TranscoderWorld
     for the transcoder presets (`list_transcoder_presets()`).
@@ -206,6 +213,7 @@ __all__ = [
     "orthogonality_loss",
     "orthogonalize",
     "save_synthetic_model",
+    "build_from_config",
     "save_transcoder_world",
     "superposition_stats",
     "true_l0",

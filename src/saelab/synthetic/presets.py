@@ -9,7 +9,9 @@ tc-mini    Transcoder world (`saelab.synthetic.transcoder`) on synth-mini's inpu
            64 fanout + 64 AND + 64 suppression outputs among 4,224 output features.
 tc-16k     The same on synth-16k's input side: d_out 768, 256 of each kind among 16,896 outputs.
            Both: gains U[0.5, 2], fanout ratio 1.5, skip_scale 0.7, ‖b_out‖ 0.5, noise std 0.2,
-           computing outputs firing ≥ 1e-3 on a 65,536-sample pilot, u_j orthogonalised as the inputs.
+           dense input noise std 1.0 (≈ 40% of x's variance on tc-mini; without it S is not
+           identifiable, see `saelab.synthetic.transcoder`), computing outputs firing ≥ 1e-3 on a
+           65,536-sample pilot, u_j orthogonalised as the inputs.
 sbw-toy    The "Sparse but Wrong" toy model (Chanin et al., notebooks/main_toy_model_experiments):
            50 features in 100 dims, orthogonalised (1000 Adam steps, lr 0.01), p_i falling
            linearly 0.388 → 0.05, strong random correlations (seed 42), magnitude 1 ± 0.15, no
@@ -18,7 +20,10 @@ sbw-toy    The "Sparse but Wrong" toy model (Chanin et al., notebooks/main_toy_m
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
+from typing import Any
 
 from saelab.errors import ConfigError
 from saelab.synthetic.config import (
@@ -114,6 +119,7 @@ def _transcoder_world(input_cfg: SyntheticModelConfig, d_out: int, per_kind: int
         skip_scale=0.7,
         bias_out=0.5,
         noise_std=0.2,
+        input_noise_std=1.0,
         min_cofire_rate=1e-3,
         pilot_samples=65_536,
         orthogonalization=OrthogonalizationConfig(num_steps=100, lr=3e-4),
@@ -136,6 +142,40 @@ _TRANSCODER_PRESETS: dict[str, Callable[[], TranscoderWorldConfig]] = {
 }
 
 PresetConfig = SyntheticModelConfig | TranscoderWorldConfig
+
+
+def parse_overrides(items: list[str], name: str = "--set") -> dict[str, Any]:
+    """KEY=VALUE strings to a dict; VALUE is read as JSON (numbers, true/false, null) or else kept as
+    text. ConfigError names the malformed item."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(name, item, "must be KEY=VALUE, e.g. skip_scale=0")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def preset_with_overrides(name: str, overrides: dict[str, Any]) -> PresetConfig:
+    """The named preset's config with top-level fields replaced (e.g. a tc-mini world with
+    skip_scale=0); each value is checked by the config's own validation. ConfigError names an
+    unknown or nested field."""
+    cfg = get_preset(name)
+    names = {f.name for f in dataclasses.fields(cfg)}
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key not in names:
+            raise ConfigError("--set", key, f"is not a field of {name}; valid fields are {sorted(names)}")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            raise ConfigError("--set", key, "is a nested config; only top-level scalar fields can be set")
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        changes[key] = value
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def list_presets() -> list[str]:

@@ -3,10 +3,16 @@
 A transcoder reads an input x (an MLP's input, say) and predicts a different target y (the MLP's
 output). A `TranscoderWorld` makes such pairs with the answer known:
 
-    x_BD = Σ_i a_i d_i + b_in                         the input side: a SynthSAEBench `SyntheticModel`
+    x_BD = Σ_i a_i d_i + b_in + ξ                     the input side: a SynthSAEBench `SyntheticModel`
                                                       (Zipf firing, copula correlation, hierarchy,
-                                                      superposition), reused unchanged
+                                                      superposition), reused unchanged, plus dense
+                                                      ξ ~ N(0, input_noise_std² I)
     y_BE = Σ_j c_j(a) u_j + S x + b_out + ε           ε ~ N(0, noise_std² I)
+
+Why ξ: without it S is not identifiable. A relay output is linear in a, and a is (nearly) linear in
+x, so a skip-transcoder can move any error of its skip into its decoder rows, and its skip drifts
+to the least-squares map from x to y (relative error 1.8 against S on tc-mini without ξ). S acts on
+ξ too, and no sparse latent can reproduce ΔW ξ, so with ξ the only skip that fits is S itself.
 
 with unit output directions u_j ∈ R^{d_out} (`u_out_FE`), a dense linear skip S [d_out, d_in]
 (`skip_ED`), an output bias b_out (`bias_out_E`) and output codes c_j ≥ 0 computed from the input
@@ -52,7 +58,7 @@ Interface for trainers and evaluators (`PairedSource`-compatible, see `saelab.da
     world.manual_seed(s), world.forked_stream(s), world.state_dict(), world.load_state_dict(...)
     world.d_in (= hidden_dim), world.d_out, world.num_features (input), world.num_output_features
     world.u_out_FE, world.skip_ED, world.bias_out_E, world.output_kinds()  the ground truth
-Each batch draws the input side first, then ε from the same generator (none when noise_std = 0),
+Each batch draws the input side first, then ξ, then ε from the same generator (none when a std is 0),
 so one generator state is the whole stream position. Saved as a folder
 (`saelab.synthetic.transcoder_persist`); `saelab.synthetic.load_source("tc-mini")` builds or loads one.
 
@@ -118,7 +124,8 @@ class TranscoderWorldConfig:
     |cos| < 0.9 with both u and u' whenever |u·u'| ≤ 0.3, so at the metrics' 0.9 threshold a
     merged latent never counts as either output; at ratio 3 it would count as u'). skip_scale: S = skip_scale · G / √d_out with G_ij ~ N(0, 1), so
     E_G ‖S x‖² = skip_scale² ‖x‖² (0 = no skip). bias_out: ‖b_out‖ (random direction).
-    noise_std: per-dimension std of ε. min_cofire_rate: the rate every AND output, every
+    noise_std: per-dimension std of the output noise ε. input_noise_std: per-dimension std of the
+    dense input part ξ (it makes S identifiable; see the module docstring). min_cofire_rate: the rate every AND output, every
     suppression output (and how often it is suppressed) and every fanout source must reach on the
     pilot sample of `pilot_samples` inputs. orthogonalization: applied to the u_j as to the input
     features (None: plain random unit vectors). seed: None draws one.
@@ -135,6 +142,7 @@ class TranscoderWorldConfig:
     skip_scale: float = 0.0
     bias_out: float = 0.5
     noise_std: float = 0.0
+    input_noise_std: float = 0.0
     min_cofire_rate: float = 1e-3
     pilot_samples: int = 65_536
     orthogonalization: OrthogonalizationConfig | None = None
@@ -164,6 +172,7 @@ class TranscoderWorldConfig:
             "skip_scale",
             "bias_out",
             "noise_std",
+            "input_noise_std",
             "min_cofire_rate",
         ):
             require(_finite(getattr(self, name)), name, getattr(self, name), "must be a finite number")
@@ -175,7 +184,7 @@ class TranscoderWorldConfig:
             self.fanout_gain_ratio,
             "must be > 0 and differ from 1 (a fanout's two gains differ)",
         )
-        for name in ("skip_scale", "bias_out", "noise_std"):
+        for name in ("skip_scale", "bias_out", "noise_std", "input_noise_std"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         require(0 < self.min_cofire_rate <= 1, "min_cofire_rate", self.min_cofire_rate, "must be in (0, 1]")
         _int_at_least("pilot_samples", self.pilot_samples, 1)
@@ -687,6 +696,9 @@ class TranscoderWorld:
     def sample_sparse(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, SparseFeatureActs, SparseFeatureActs]:
         """(x_BD, y_BE, input acts, output codes), the feature parts as sparse triples."""
         x_BD, acts = self.input_model.sample_sparse(batch_size)
+        if self.cfg.input_noise_std > 0:
+            xi_BD = torch.randn(x_BD.shape, generator=self.generator, device=x_BD.device, dtype=x_BD.dtype)
+            x_BD = x_BD + self.cfg.input_noise_std * xi_BD
         codes = self.output_codes_sparse(acts)
         return x_BD, self._target(x_BD, codes), acts, codes
 

@@ -8,7 +8,8 @@ s = S x (both centred) and ε the noise:
     noise_var_fraction   = tr Cov(ε) / tr Cov(y)      cross_var_fraction = 1 − the three above
                                                       (≈ 2 tr Cov(f, s): both depend on a)
 
-tr Cov(·) = Σ_e (E z_e² − (E z_e)²), accumulated in float64. With the true map, skip and bias
+input_noise_var_fraction = d_in input_noise_std² / tr Cov(x): the share of the input that is the
+dense part ξ (the part that pins S down). tr Cov(·) = Σ_e (E z_e² − (E z_e)²), accumulated in float64. With the true map, skip and bias
 a transcoder is left with ε alone, so its fraction of variance unexplained is noise_var_fraction.
 """
 
@@ -56,6 +57,7 @@ def describe_transcoder_world(
     out_count_F = torch.zeros(F_out, dtype=torch.int64)
     l0_in, l0_out, sq_out = 0, 0, 0.0
     tr_y, tr_f, tr_s, tr_e = _TraceCov(E), _TraceCov(E), _TraceCov(E), _TraceCov(E)
+    tr_x = _TraceCov(world.d_in)
     zero_E = torch.zeros(E, dtype=world.u_out_FE.dtype, device=world.device)
     supp = world.output_kinds()["suppression"]
     supp_blocked = 0  # owner fired but its suppressor did too
@@ -73,6 +75,7 @@ def describe_transcoder_world(
             f_BE = decode_sparse(codes, world.u_out_FE, zero_E)
             s_BE = x_BD.to(world.skip_ED.dtype) @ world.skip_ED.T
             tr_y.update(y_BE)
+            tr_x.update(x_BD)
             tr_f.update(f_BE)
             tr_s.update(s_BE)
             tr_e.update(y_BE - f_BE - s_BE - world.bias_out_E)
@@ -121,6 +124,10 @@ def describe_transcoder_world(
         "skip_scale": world.cfg.skip_scale,
         "bias_out_norm": float(world.bias_out_E.double().norm()),
         "noise_std": world.cfg.noise_std,
+        "input_noise_std": world.cfg.input_noise_std,
+        "input_noise_var_fraction": world.d_in * world.cfg.input_noise_std**2 / tr_x.value()
+        if tr_x.value() > 0
+        else 0.0,
         "y_total_variance": total,
         "feature_var_fraction": fractions["feature"],
         "skip_var_fraction": fractions["skip"],
