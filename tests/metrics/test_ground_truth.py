@@ -9,6 +9,8 @@ import torch
 
 from saelab.errors import ConfigError
 from saelab.metrics import GroundTruthResult, evaluate_sae_on_synthetic
+from saelab.metrics.ground_truth import match_signs
+from saelab.metrics.matching import match_decoder_to_features
 from saelab.saes.base import SAEConfig
 
 
@@ -130,6 +132,10 @@ def test_matches_saelens_reference_calculators(fakes):
     sae.reset_parameters(torch.Generator().manual_seed(9))
     with torch.no_grad():
         sae.W_dec_LD.mul_(10)
+        # SAELens ignores the sign of a match; saelab counts a firing that writes −f as no detection of f
+        # (test_signed_matching.py). Point every row along its match, where the two definitions agree.
+        best_L = match_decoder_to_features(sae.W_dec_LD, model.feature_vectors_FD, hungarian=False).best_match_L
+        sae.W_dec_LD.mul_(match_signs(sae.W_dec_LD, model.feature_vectors_FD, best_L)[:, None].float())
     ours = evaluate_sae_on_synthetic(sae, model, n_samples=300, batch_size=64)
 
     x, a = model.hidden_ND, model.acts_NF

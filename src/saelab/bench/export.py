@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from saelab import __version__
-from saelab.bench.leaderboard import LEADERBOARD_METRICS, STAT_SUFFIXES
+from saelab.bench.leaderboard import (
+    LEADERBOARD_METRICS,
+    METRIC_LABELS,
+    STAT_SUFFIXES,
+    TRANSCODER_METRICS,
+    board_metrics,
+    is_transcoder_row,
+)
 from saelab.bench.values import clean, now_utc
 from saelab.errors import ConfigError
 from saelab.io import write_text_atomic
@@ -36,6 +43,16 @@ LEADERBOARD_COLUMNS = (
     + ["f1_best", "citation", "note"]
 )
 EXPORT_FORMATS = ("csv", "json", "md")
+
+
+def leaderboard_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """LEADERBOARD_COLUMNS, plus the transcoder metrics' statistics (before f1_best) when a row is a transcoder's;
+    an export of SAE rows keeps exactly its columns."""
+    if not any(is_transcoder_row(r) for r in rows):
+        return list(LEADERBOARD_COLUMNS)
+    at = LEADERBOARD_COLUMNS.index("f1_best")
+    extra = [f"{m}_{s}" for m in TRANSCODER_METRICS for s in STAT_SUFFIXES]
+    return [*LEADERBOARD_COLUMNS[:at], *extra, *LEADERBOARD_COLUMNS[at:]]
 
 
 def _flat_run(run: Mapping[str, Any]) -> dict[str, Any]:
@@ -155,28 +172,18 @@ def export_leaderboard(rows: Sequence[Mapping[str, Any]], path: str | os.PathLik
     F1 95% interval)."""
     fmt, rows = parse_export_format(fmt), list(rows)
     if fmt == "csv":
-        text = _csv(LEADERBOARD_COLUMNS, rows)
+        text = _csv(leaderboard_columns(rows), rows)
     elif fmt == "json":
         text = _json_document("leaderboard", [dict(r) for r in rows])
     else:
         from saelab.bench.leaderboard import format_interval
 
-        headers = [
-            "source",
-            "protocol",
-            "arch",
-            "L0 target",
-            "samples",
-            "n seeds",
-            "F1",
-            "F1 95% CI",
-            "MCC",
-            "uniqueness",
-            "EV",
-            "L0",
-            "dead",
-            "best F1",
-        ]
+        metrics = board_metrics(rows)  # SAE rows: F1, MCC, uniqueness, EV, L0, dead; transcoders: FVU, skip err, ...
+        headers = ["source", "protocol", "arch", "L0 target", "samples", "n seeds"]
+        for m in metrics:
+            label = "uniqueness" if m == "uniqueness" else METRIC_LABELS[m]  # spelled out, as it always was here
+            headers += [label, "F1 95% CI"] if m == "f1" else [label]
+        headers.append("best F1")
         body = []
         for r in rows:
             cells = [
@@ -187,7 +194,7 @@ def export_leaderboard(rows: Sequence[Mapping[str, Any]], path: str | os.PathLik
                 format_budget(r.get("samples"), r.get("protocol_samples")),
                 _md_cell(r.get("n_seeds"), "n_seeds"),
             ]
-            for m in LEADERBOARD_METRICS:
+            for m in metrics:
                 mean, sd = r.get(f"{m}_mean"), r.get(f"{m}_sd")
                 sd_text = _md_cell(float(sd or 0.0), m)
                 cells.append("—" if mean is None else f"{_md_cell(float(mean), m)} ± {sd_text}")

@@ -17,6 +17,8 @@ from saelab.bench.values import number
 LEADERBOARD_METRICS = ("f1", "mcc", "uniqueness", "explained_variance", "l0", "dead_latents")
 # Summarised too where a group holds transcoder runs (protocol tc-mini); SAE rows keep their columns.
 TRANSCODER_METRICS = ("fvu", "skip_rel_error", "computing_features_recovered")
+# The columns a table of transcoder rows shows (EV is 1 − FVU there, so it is not repeated).
+TRANSCODER_LEADERBOARD_METRICS = ("f1", "mcc", *TRANSCODER_METRICS, "l0", "dead_latents")
 # Per metric, each summary holds these keys (e.g. f1_mean, f1_ci95_lo).
 STAT_SUFFIXES = ("mean", "sd", "se", "ci95_lo", "ci95_hi")
 
@@ -65,6 +67,23 @@ def with_transcoder_metrics(rows: Iterable[Mapping[str, Any]], metrics: Sequence
     """`metrics`, plus TRANSCODER_METRICS when some row is a transcoder's (it has an `fvu`)."""
     transcoder = any(metric_value(r, "fvu") is not None for r in rows)
     return tuple(metrics) + tuple(m for m in TRANSCODER_METRICS if transcoder and m not in metrics)
+
+
+def is_transcoder_row(row: Mapping[str, Any]) -> bool:
+    """Whether a run record, store row or leaderboard row is a transcoder's: it has an FVU (of its target y)."""
+    return metric_value(row, "fvu") is not None or number(row.get("fvu_mean")) is not None
+
+
+def board_metrics(rows: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:
+    """The metric columns of a table of leaderboard rows: LEADERBOARD_METRICS for SAE rows only (as ever),
+    TRANSCODER_LEADERBOARD_METRICS for transcoder rows only, and both (SAE order, transcoder metrics before L0)
+    where a table mixes them, e.g. tc-mini rows beside the published SAE reference rows."""
+    kinds = {is_transcoder_row(r) for r in rows}
+    if True not in kinds:
+        return LEADERBOARD_METRICS
+    if False not in kinds:
+        return TRANSCODER_LEADERBOARD_METRICS
+    return ("f1", "mcc", "uniqueness", "explained_variance", *TRANSCODER_METRICS, "l0", "dead_latents")
 
 
 def summary(group: Iterable[Mapping[str, Any]], metrics: Sequence[str] = LEADERBOARD_METRICS) -> dict[str, Any]:
@@ -180,6 +199,9 @@ METRIC_LABELS = {
     "explained_variance": "EV",
     "l0": "L0",
     "dead_latents": "dead",
+    "fvu": "FVU",
+    "skip_rel_error": "skip err",
+    "computing_features_recovered": "computing",
 }
 
 

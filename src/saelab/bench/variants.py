@@ -152,3 +152,19 @@ def resolve_arch(text: str, **dims: Any) -> tuple[str, VariantSpec | None]:
         return text, None
     register_variant_spec(spec, **dims)
     return spec.name, spec
+
+
+def resolve_archs(texts: list[str], **dims: Any) -> tuple[list[str], list[VariantSpec]]:
+    """Every architecture a bench names, resolved as `resolve_arch` does: (registered names in the given order,
+    the VariantSpecs among them, for spawned workers to register again). A name given twice, or two spellings of
+    one variant (`batchtopk:skip=false`, `batchtopk: skip = false`), trains once."""
+    names: list[str] = []
+    specs: list[VariantSpec] = []
+    for text in texts:
+        name, spec = resolve_arch(text, **dims)
+        if name in names:
+            continue
+        names.append(name)
+        if spec is not None:
+            specs.append(spec)
+    return names, specs

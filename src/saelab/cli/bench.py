@@ -13,7 +13,7 @@ from rich.table import Table
 from saelab.cli import app
 from saelab.cli.common import arch_names_help, out, parse_count, parse_l0_values, print_json
 from saelab.errors import ConfigError, TrainingInterrupted
-from saelab.metrics.names import RUN_METRICS
+from saelab.metrics.names import RUN_METRICS, TRANSCODER_RUN_METRICS
 
 RESULT_KEYS = ["arch", "l0_target", "seed", "samples", *RUN_METRICS, "compute_precision", "wall_seconds"]
 
@@ -22,7 +22,9 @@ RESULT_KEYS = ["arch", "l0_target", "seed", "samples", *RUN_METRICS, "compute_pr
 def bench(
     protocol: str = typer.Option("mini", help="Benchmark protocol: mini (2-core CPU) or 16k (published, GPU)."),
     arch: list[str] | None = typer.Option(
-        None, help=f"Architectures (registry names or module:Class); default matryoshka. {arch_names_help()}"
+        None,
+        help="Architectures: registry names, module:Class, or ARCH:key=value variants (batchtopk:skip=false: a plain "
+        f"transcoder in a skip protocol); default matryoshka. {arch_names_help()}",
     ),
     ablate: list[str] | None = typer.Option(
         None, help="Also train ARCH with each of its components removed in turn (e.g. recipe)."
@@ -76,9 +78,11 @@ def bench(
         reserve_run_dirs,
         run_bench,
         summarize,
+        variant_check_dims,
     )
+    from saelab.bench.variants import resolve_archs
     from saelab.bench.workers import Terminated, sigterm_as_interrupt
-    from saelab.saes.registry import ablation_names, get_sae_class
+    from saelab.saes.registry import ablation_names
     from saelab.training.progress import progress_seconds
 
     # Every option is checked before the store or a run folder is touched.
@@ -95,8 +99,6 @@ def bench(
     arch = list(arch or ([] if ablate else ["matryoshka"]))
     for base in ablate or []:
         arch += [name for name in [base, *ablation_names(base)] if name not in arch]
-    for name in arch:
-        get_sae_class(name)
     l0s = parse_l0_values(l0) if l0 else [float(proto.natural_l0)]
     if samples is not None and tier is not None:
         raise ConfigError("tier", tier, "give --tier or --samples, not both")
@@ -115,6 +117,9 @@ def bench(
         checkpoint_every=checkpoint_every,
         resume=resume,
     )
+    # Registry names, user classes and `ARCH:key=value` variants (e.g. `batchtopk:skip=false`, a plain transcoder
+    # in a skip protocol), each override dry-run on the protocol's shapes before anything trains.
+    request.archs, request.variants = resolve_archs(arch, **variant_check_dims(request))
     request.run_config(request.seeds[0])  # every training setting checked before anything is written
     progress_seconds()  # and $SAELAB_PROGRESS_SECONDS
     check_writable_dir(out_dir, "out")
@@ -136,7 +141,8 @@ def bench(
         warnings = run_warnings(record, budget)  # runs/warnings.py: L0 off target, many dead latents
         warned.extend(f"seed {record.get('seed')}: {w}" for w in warnings)
         if json_output:
-            print_json({"kind": "run", **{k: record.get(k) for k in RESULT_KEYS}, "warnings": warnings})
+            keys = RESULT_KEYS + (list(TRANSCODER_RUN_METRICS) if record.get("fvu") is not None else [])
+            print_json({"kind": "run", **{k: record.get(k) for k in keys}, "warnings": warnings})
 
     try:
         with sigterm_as_interrupt():
@@ -182,7 +188,11 @@ def bench(
     table = Table(
         title=f"saelab bench --protocol {protocol}: mean ± sd over {seeds} seed(s), 95% interval of the mean F1"
     )
-    for header in ("arch", "L0 target", "samples", "F1", "F1 95% CI", "MCC", "uniqueness", "EV", "L0", "dead"):
+    from saelab.bench.leaderboard import METRIC_LABELS, board_metrics
+
+    middle = board_metrics(summary)[2:-2]  # between MCC and L0: uniqueness and EV, or a transcoder's FVU, skip err, ...
+    labels = [{"uniqueness": "uniqueness"}.get(m, METRIC_LABELS[m]) for m in middle]
+    for header in ("arch", "L0 target", "samples", "F1", "F1 95% CI", "MCC", *labels, "L0", "dead"):
         table.add_column(header, justify="right")
 
     def cell(row: dict, key: str, fmt: str = "{:.3f}") -> str:
@@ -198,8 +208,7 @@ def bench(
             cell(row, "f1"),
             format_interval(row, "f1", 3) or "—",
             cell(row, "mcc"),
-            cell(row, "uniqueness"),
-            cell(row, "explained_variance"),
+            *(cell(row, m) for m in middle),
             cell(row, "l0", "{:.1f}"),
             cell(row, "dead_latents", "{:.0f}"),
         )

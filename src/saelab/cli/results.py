@@ -55,6 +55,32 @@ BOARD_COLUMNS = [
 ]
 
 
+def run_columns(metrics: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """RUN_COLUMNS with the metric columns of `metrics` (board_metrics of the rows; the runs list shows no
+    uniqueness): SAE runs keep RUN_COLUMNS, transcoder runs show FVU, skip err and computing."""
+    tc = {"fvu": "FVU", "skip_rel_error": "skip err", "computing_features_recovered": "computing"}
+    known = {c[0]: c for c in RUN_COLUMNS} | {k: (k, label, "{:.4f}") for k, label in tc.items()}
+    head = [c for c in RUN_COLUMNS if c[0] in ("run_id", "protocol", "arch", "l0_target", "seed", "status")]
+    tail = [known["wall_seconds"], known["started"]]
+    return [*head, *(known[m] for m in metrics if m != "uniqueness"), *tail]
+
+
+# Transcoder metrics' columns in the leaderboard (bench.leaderboard.board_metrics says when they show).
+TRANSCODER_BOARD_COLUMNS = {
+    "fvu": ("fvu", "FVU", "{}"),
+    "skip_rel_error": ("skip_rel_error", "skip err", "{}"),
+    "computing_features_recovered": ("computing_features_recovered", "computing", "{}"),
+}
+
+
+def board_columns(metrics: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """BOARD_COLUMNS with `metrics` (bench.leaderboard.board_metrics) as its metric columns, in that order."""
+    known = {c[0]: c for c in BOARD_COLUMNS} | TRANSCODER_BOARD_COLUMNS
+    head = [c for c in BOARD_COLUMNS if c[0] in ("source", "protocol", "arch", "l0_target", "budget", "n_seeds")]
+    body = [c for m in metrics for c in ([known[m], known["f1_ci95"]] if m == "f1" else [known[m]])]
+    return [*head, *body, known["f1_best"]]
+
+
 def _open(store: Path | None, ctx: typer.Context | None = None):
     """Open an existing store (read commands never create one); --store given before the sub-command also counts."""
     from saelab.bench.store import ResultsStore, default_store_path
@@ -85,10 +111,16 @@ def results(
     ctx.obj = {"store": store}
     if ctx.invoked_subcommand is not None:
         return
+    from saelab.bench.leaderboard import TRANSCODER_METRICS, board_metrics, is_transcoder_row, metric_value
+
     rows = _open(store).runs(protocol=protocol, arch=arch or None, l0=_l0_filter(l0), status=status, since=since)
+    for row in rows:  # a transcoder's own metrics live in its metrics dict, not in columns of the store
+        if is_transcoder_row(row):
+            row.update({m: metric_value(row, m) for m in TRANSCODER_METRICS})
     if json_output:
         for row in rows:
-            print_json({k: row.get(k) for k in RUN_JSON_KEYS})
+            keys = RUN_JSON_KEYS + (list(TRANSCODER_METRICS) if is_transcoder_row(row) else [])
+            print_json({k: row.get(k) for k in keys})
         return
     if not rows:
         console.print("no runs match")
@@ -96,7 +128,7 @@ def results(
     for row in rows:
         row["started"] = (row.get("started_at") or "")[:19].replace("T", " ")
         row["arch"] = escape(str(row["arch"]))  # `recipe[ista_steps=0]` is a name, not rich markup
-    out.print(results_table(f"runs ({len(rows)})", rows, RUN_COLUMNS))
+    out.print(results_table(f"runs ({len(rows)})", rows, run_columns(board_metrics(rows))))
 
 
 def _pm(row: dict[str, Any], metric: str) -> str | None:
@@ -128,20 +160,21 @@ def leaderboard(
         console.print("no complete runs yet")
         return
     from saelab.bench.export import format_budget
-    from saelab.bench.leaderboard import format_interval
+    from saelab.bench.leaderboard import board_metrics, format_interval
 
+    metrics = board_metrics(rows)  # SAE rows keep BOARD_COLUMNS; transcoder rows show FVU, skip err, computing
     display = [
         {
             **row,
             "arch": escape(str(row["arch"])),
-            **{m: _pm(row, m) for m in ("f1", "mcc", "uniqueness", "explained_variance", "l0", "dead_latents")},
+            **{m: _pm(row, m) for m in metrics},
             "budget": format_budget(row.get("samples"), row.get("protocol_samples")),
             "f1_ci95": None if row["source"] == "published" else format_interval(row, "f1"),
         }
         for row in rows
     ]
     protocols = {r["protocol"] for r in rows}
-    columns = [c for c in BOARD_COLUMNS if c[0] != "protocol" or len(protocols) > 1]  # one protocol: in the title
+    columns = [c for c in board_columns(metrics) if c[0] != "protocol" or len(protocols) > 1]  # one: in the title
     table = results_table(f"leaderboard ({', '.join(sorted(protocols))})", display, columns)
     for column in table.columns:
         if column.header in ("arch", "source"):

@@ -8,6 +8,14 @@ one feature). Over the eval samples b, with fires_bj = (act_bj ≠ 0) and gt_bj 
     P_j = TP/(TP+FP), R_j = TP/(TP+FN), F1_j = 2·P_j·R_j/(P_j+R_j), Acc_j = (TP+TN)/n  (0 if undefined)
 
 and each reported metric is the mean over ALL L latents (a dead latent has P = R = F1 = 0).
+
+Signed matching (`sign_L`, what the ground-truth evaluations pass): a latent firing with code h writes
+h·W_dec[j], i.e. the direction sign(h)·W_dec[j], so it detects g(j) only when that direction points
+along f_g(j): hit_bj = (act_bj · s_j > 0) with s_j = sign cos(W_dec[j], f_g(j)). Then TP_j = Σ hit·gt,
+FP_j = #fires − TP, FN_j = #gt − TP and TN_j = Σ ¬fires·¬gt: a firing that points away from its feature
+(an AbsTopK code of the other sign, or a ReLU latent whose decoder row is −f) is a false claim, and a
+miss when the feature is active. Nothing changes where every firing points along its feature (then
+hit = fires; SynthSAEBench's definition, which ignores the sign).
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ class ClassificationCalculator:
     best_match_L, plus n_samples. Formula: see the module docstring.
     """
 
-    def __init__(self, best_match_L: torch.Tensor, num_features: int | None = None):
+    def __init__(self, best_match_L: torch.Tensor, num_features: int | None = None, sign_L: torch.Tensor | None = None):
         require(
             isinstance(best_match_L, torch.Tensor) and best_match_L.ndim == 1 and best_match_L.numel() > 0,
             "best_match_L",
@@ -62,11 +70,22 @@ class ClassificationCalculator:
             )
         self.num_features = num_features
         L = self.best_match_L.shape[0]
+        if sign_L is not None:
+            require(
+                isinstance(sign_L, torch.Tensor) and tuple(sign_L.shape) == (L,),
+                "sign_L",
+                tuple(getattr(sign_L, "shape", ())),
+                f"must be a tensor [{L}] of ±1, one per latent",
+            )
+        # ±1 per latent (signed matching, module docstring); None: every firing counts for its feature.
+        self.sign_L = None if sign_L is None else torch.where(sign_L.detach().cpu() < 0, -1.0, 1.0)
         self.tp_L = torch.zeros(L, dtype=torch.int64)
         self.fired_L = torch.zeros(L, dtype=torch.int64)  # TP + FP
         self.gt_L = torch.zeros(L, dtype=torch.int64)  # TP + FN
+        self.both_L = torch.zeros(L, dtype=torch.int64)  # fires ∧ gt: TP, plus firings that point the other way
         self.n_samples = 0
         self._index_cache: dict[torch.device, torch.Tensor] = {}
+        self._sign_cache: dict[torch.device, torch.Tensor] = {}
 
     @property
     def num_latents(self) -> int:
@@ -79,7 +98,8 @@ class ClassificationCalculator:
 
     @torch.no_grad()
     def update(self, acts_BL: torch.Tensor, feature_acts_BF: torch.Tensor) -> None:
-        """Add one batch: SAE codes [B, L] (nonzero = fires) and true activations [B, F] (> 0 = fires)."""
+        """Add one batch: SAE codes [B, L] (nonzero = fires; with sign_L, their signs matter) and true activations
+        [B, F] (> 0 = fires)."""
         acts_BL, feature_acts_BF = _as_dense(acts_BL), _as_dense(feature_acts_BF)
         L = self.num_latents
         if acts_BL.ndim != 2 or acts_BL.shape[1] != L:
@@ -95,17 +115,26 @@ class ClassificationCalculator:
         fires_BL = acts_BL != 0
         # One [B, L] gather of each latent's matched feature column; no loop over latents.
         gt_BL = feature_acts_BF.index_select(1, self._index_on(feature_acts_BF.device)).to(fires_BL.device) > 0
-        self.tp_L += count_columns(fires_BL & gt_BL)
+        both_L = count_columns(fires_BL & gt_BL)
+        if self.sign_L is None:
+            self.tp_L += both_L
+        else:
+            if acts_BL.device not in self._sign_cache:
+                self._sign_cache[acts_BL.device] = self.sign_L.to(acts_BL.device)
+            hit_BL = acts_BL * self._sign_cache[acts_BL.device].to(acts_BL.dtype) > 0
+            self.tp_L += count_columns(hit_BL & gt_BL)
+        self.both_L += both_L
         self.fired_L += count_columns(fires_BL)
         self.gt_L += count_columns(gt_BL)
         self.n_samples += int(acts_BL.shape[0])
 
     def counts(self) -> dict[str, torch.Tensor]:
-        """Per-latent int64 counts tp_L, fp_L, fn_L, tn_L."""
+        """Per-latent int64 counts tp_L, fp_L, fn_L, tn_L (with sign_L, a firing that points away from its feature
+        while the feature is active is in both fp_L and fn_L, so the four may sum to more than n)."""
         tp_L = self.tp_L.clone()
         fp_L = self.fired_L - self.tp_L
         fn_L = self.gt_L - self.tp_L
-        tn_L = self.n_samples - tp_L - fp_L - fn_L
+        tn_L = self.n_samples - self.fired_L - self.gt_L + self.both_L  # neither fires nor active
         return {"tp_L": tp_L, "fp_L": fp_L, "fn_L": fn_L, "tn_L": tn_L}
 
     def compute(self) -> dict[str, Any]:
@@ -114,7 +143,7 @@ class ClassificationCalculator:
         precision_L = _safe_div(tp_L, tp_L + fp_L)
         recall_L = _safe_div(tp_L, tp_L + fn_L)
         f1_L = _safe_div(2 * precision_L * recall_L, precision_L + recall_L)
-        accuracy_L = _safe_div(tp_L + tn_L, tp_L + fp_L + fn_L + tn_L)
+        accuracy_L = _safe_div(tp_L + tn_L, torch.full_like(tp_L, self.n_samples))  # samples where they agree
         return {
             "precision": float(precision_L.mean()),
             "recall": float(recall_L.mean()),

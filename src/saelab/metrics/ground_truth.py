@@ -2,12 +2,18 @@
 
 One pass over freshly sampled batches (never all samples at once) plus the decoder-only matching:
 
-    f1, precision, recall, accuracy   mean over all latents, latent j detecting argmax_i |cos(d̂_j, f_i)|
+    f1, precision, recall, accuracy   mean over all latents, latent j detecting g(j) = argmax_i |cos(d̂_j, f_i)|
+                                      (signed matching, metrics.classification: a latent fires when its
+                                      code is ≠ 0 and detects g(j) when its code's sign makes h·d̂_j point
+                                      along f_g(j); an AbsTopK code of the other sign writes −f and counts
+                                      as a false claim. SynthSAEBench ignores the sign; the two agree
+                                      whenever every firing points along its feature, e.g. any ReLU SAE
+                                      whose decoder rows are not antiparallel to their matches)
     mcc                               mean |cos| over the Hungarian one-to-one matching (min(L, F) pairs)
     uniqueness                        #unique best matches / L
     explained_variance                1 − E‖x − x̂‖² / (E‖x‖² − ‖E x‖²)
     shrinkage                         mean ‖x̂‖/‖x‖ (‖x‖ > 1e-6)
-    l0, true_l0                       mean #(act ≠ 0), mean #(a > 0) per sample
+    l0, true_l0                       mean #(act ≠ 0) (negative codes fire), mean #(a > 0) per sample
     dead_latents                      #latents that never fired on the eval samples
     mse                               mean over samples of ‖x − x̂‖² (summed over dimensions)
 """
@@ -103,6 +109,15 @@ def _check_model(model: Any) -> tuple[int, int, torch.Tensor]:
     return F, D, feats_FD.detach()
 
 
+def match_signs(W_dec_LD: torch.Tensor, feature_vectors_FD: torch.Tensor, best_match_L: torch.Tensor) -> torch.Tensor:
+    """s_L = sign cos(W_dec[l], f_g(l)) for each latent's best match g (±1, float64 on the CPU; a row orthogonal to
+    its match, e.g. all zeros, gets +1). A code h > 0 of latent l then writes along f_g(l) when s_l = +1, a code
+    h < 0 when s_l = −1 (`ClassificationCalculator`'s signed matching)."""
+    idx_L = best_match_L.to(feature_vectors_FD.device)
+    dot_L = (W_dec_LD.detach().double() * feature_vectors_FD.detach().double()[idx_L].to(W_dec_LD.device)).sum(dim=1)
+    return torch.where(dot_L.cpu() < 0, -1.0, 1.0).double()
+
+
 def _positive_int(name: str, value: Any) -> int:
     require(
         isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value, "must be a positive integer"
@@ -144,7 +159,8 @@ def evaluate_sae_on_synthetic(
     dev = resolve_device(sae, device)
 
     match = match_decoder_to_features(sae.W_dec_LD.detach(), feats_FD.to(dev), hungarian=True, chunk_size=chunk_size)
-    classification = ClassificationCalculator(match.best_match_L, num_features=F)
+    signs_L = match_signs(sae.W_dec_LD, feats_FD.to(dev), match.best_match_L)
+    classification = ClassificationCalculator(match.best_match_L, num_features=F, sign_L=signs_L)
     truth = TrueFiringCalculator(F)
     recon = ReconstructionCalculator(d_sae)
 

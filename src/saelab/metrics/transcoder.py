@@ -10,7 +10,11 @@ and predicts ŷ = decode(encode(x)) + x W_skip_EDᵀ. The world provides `sample
 `computing_features()` / `output_kinds()` / `fanout_merged_direction()` (the world module).
 
 One streaming pass over fresh batches (never all samples at once) plus decoder-only matching.
-A latent l *fires* on a sample when its code is > 0; output feature m fires when c_m ≠ 0.
+A latent l *fires* on a sample when its code is ≠ 0 (AbsTopK's codes are signed); output feature m fires
+when c_m ≠ 0. Matching is signed, as for SAEs (metrics.classification): a code h writes h·W_dec[l], so
+l detects a direction u only when sign(h)·cos(W_dec[l], u) > 0; a firing that points the other way
+counts among l's firings (a false claim) but never as a detection. Decoder-only scores (mcc,
+uniqueness, the |cos| candidates below) use |cos|, since only the codes carry the sign.
 
     f1, precision, recall, accuracy   SynthSAEBench's per-latent classification (metrics.classification)
                                       with latent l detecting g(l) = argmax_m |cos(W_dec[l], u_m)|:
@@ -29,7 +33,8 @@ A latent l *fires* on a sample when its code is > 0; output feature m fires when
                                       outputs) that got a latent of their own: m is recovered when
                                       some latent l has |cos(W_dec[l], u_m)| ≥ COS_THRESHOLD (0.9) and
                                       F1 of l's firing against m's firing ≥ F1_THRESHOLD (0.5), with
-                                      F1_lm = 2 TP_lm / (#fires_l + #fires_m) (0 when both are 0).
+                                      F1_lm = 2 TP_lm / (#fires_l + #fires_m) (0 when both are 0) and
+                                      TP_lm = #(m fires and l fires pointing along u_m).
                                       None when the world has no computing outputs.
     and_recovered, suppression_recovered, fanout_recovered    the same share within each kind
     fanout_merged_recovered           share of fanout sources i that got ONE latent for both outputs:
@@ -56,6 +61,7 @@ import torch
 
 from saelab.errors import ConfigError, require
 from saelab.metrics.classification import ClassificationCalculator, TrueFiringCalculator, _as_dense, count_columns
+from saelab.metrics.ground_truth import match_signs
 from saelab.metrics.matching import iter_abs_cos, match_decoder_to_features
 from saelab.metrics.reconstruction import ReconstructionCalculator, _EvalMode
 from saelab.seeding import seeded_sampling
@@ -104,37 +110,58 @@ class TranscoderResult:
 
 
 class PairFiringCalculator:
-    """Streaming TP_P = Σ_b fires[b, latent_P] ∧ gt[b, target_P] for a list of (latent, column) pairs."""
+    """Streaming TP_P = Σ_b hit[b, P] ∧ gt[b, column_P] for a list of (latent, column) pairs, where
+    hit = acts[b, latent_P] ≠ 0, or with `sign_P` (signed matching) acts[b, latent_P] · sign_P > 0."""
 
-    def __init__(self, latent_P: torch.Tensor, column_P: torch.Tensor):
+    def __init__(self, latent_P: torch.Tensor, column_P: torch.Tensor, sign_P: torch.Tensor | None = None):
         require(
             latent_P.shape == column_P.shape and latent_P.ndim == 1,
             "pairs",
             tuple(latent_P.shape),
             "latent and column index lists must be 1-D and of equal length",
         )
+        require(
+            sign_P is None or tuple(sign_P.shape) == tuple(latent_P.shape),
+            "sign_P",
+            tuple(getattr(sign_P, "shape", ())),
+            "must have one sign per pair",
+        )
         self.latent_P, self.column_P = latent_P.long().cpu(), column_P.long().cpu()
+        self.sign_P = None if sign_P is None else torch.where(sign_P.cpu() < 0, -1.0, 1.0)
         self.tp_P = torch.zeros(self.latent_P.numel(), dtype=torch.int64)
 
     @torch.no_grad()
-    def update(self, fires_BL: torch.Tensor, gt_BF: torch.Tensor) -> None:
+    def update(self, acts_BL: torch.Tensor, gt_BF: torch.Tensor) -> None:
+        """acts_BL: codes (or a boolean firing mask, without signs); gt_BF: boolean, True where the column fires."""
         for start in range(0, self.latent_P.numel(), _PAIR_CHUNK):
-            lat = self.latent_P[start : start + _PAIR_CHUNK].to(fires_BL.device)
+            lat = self.latent_P[start : start + _PAIR_CHUNK].to(acts_BL.device)
             col = self.column_P[start : start + _PAIR_CHUNK].to(gt_BF.device)
-            both = fires_BL.index_select(1, lat) & gt_BF.index_select(1, col).to(fires_BL.device)
+            acts_BP = acts_BL.index_select(1, lat)
+            if self.sign_P is None:
+                hit_BP = acts_BP != 0
+            else:
+                sign = self.sign_P[start : start + _PAIR_CHUNK].to(device=acts_BL.device, dtype=acts_BP.dtype)
+                hit_BP = acts_BP * sign > 0
+            both = hit_BP & gt_BF.index_select(1, col).to(acts_BL.device)
             self.tp_P[start : start + lat.numel()] += count_columns(both)
 
 
-def _candidates(W_dec_LE: torch.Tensor, dirs_TE: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latent_P, target_P): every pair with |cos(W_dec[l], dir_t)| ≥ threshold (chunked over latents)."""
+def _candidates(
+    W_dec_LE: torch.Tensor, dirs_TE: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latent_P, target_P, sign_P): every pair with |cos(W_dec[l], dir_t)| ≥ threshold (chunked over latents),
+    and the sign of that cos (±1)."""
     lats, tgts = [], []
     if dirs_TE.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0)
     for start, C_cT in iter_abs_cos(W_dec_LE, dirs_TE):
         l, t = (C_cT >= threshold).nonzero(as_tuple=True)
         lats.append(l.cpu() + start)
         tgts.append(t.cpu())
-    return torch.cat(lats), torch.cat(tgts)
+    lat_P, tgt_P = torch.cat(lats), torch.cat(tgts)
+    # |cos| ≥ threshold > 0 here, so the dot product's sign is never a float tie.
+    dot_P = (W_dec_LE[lat_P.to(W_dec_LE.device)].double() * dirs_TE[tgt_P.to(dirs_TE.device)].double()).sum(dim=1)
+    return lat_P, tgt_P, torch.where(dot_P.cpu() < 0, -1.0, 1.0)
 
 
 def _recovered(
@@ -229,14 +256,17 @@ def evaluate_transcoder(
     computing_F = world.computing_features().long().cpu()
     merged_NE = world.fanout_merged_direction().to(dev)
     fanout_first_N = world.fanout_pairs()[:, 0].long().cpu()
-    comp_lat, comp_tgt = _candidates(W_dec_LE, u_FE.to(dev)[computing_F.to(dev)], COS_THRESHOLD)
-    merge_lat, merge_tgt = _candidates(W_dec_LE, merged_NE, COS_THRESHOLD)
+    comp_lat, comp_tgt, comp_sign = _candidates(W_dec_LE, u_FE.to(dev)[computing_F.to(dev)], COS_THRESHOLD)
+    merge_lat, merge_tgt, merge_sign = _candidates(W_dec_LE, merged_NE, COS_THRESHOLD)
     # One pair list; columns index the codes (a merged fanout fires exactly when its first output does).
     pairs = PairFiringCalculator(
-        torch.cat([comp_lat, merge_lat]), torch.cat([computing_F[comp_tgt], fanout_first_N[merge_tgt]])
+        torch.cat([comp_lat, merge_lat]),
+        torch.cat([computing_F[comp_tgt], fanout_first_N[merge_tgt]]),
+        torch.cat([comp_sign, merge_sign]),
     )
 
-    classification = ClassificationCalculator(match.best_match_L, num_features=F_out)
+    signs_L = match_signs(W_dec_LE, u_FE.to(dev), match.best_match_L)
+    classification = ClassificationCalculator(match.best_match_L, num_features=F_out, sign_L=signs_L)
     truth = TrueFiringCalculator(F_out)
     recon = ReconstructionCalculator(L)
     fired_L = torch.zeros(L, dtype=torch.int64)
@@ -269,12 +299,11 @@ def evaluate_transcoder(
             y_hat_BE = transcoder.decode(acts_BL)
             if W_skip_ED is not None:
                 y_hat_BE = y_hat_BE + x_BD.to(W_skip_ED.dtype) @ W_skip_ED.T
-            fires_BL = acts_BL > 0
             recon.update(y_BE, acts_BL, y_hat_BE)
-            classification.update(fires_BL, gt_BF)
+            classification.update(acts_BL, gt_BF)  # signed codes: fires ≠ 0, detects along its match
             truth.update(gt_BF)
-            pairs.update(fires_BL, gt_BF)
-            fired_L += count_columns(fires_BL)
+            pairs.update(acts_BL, gt_BF)
+            fired_L += count_columns(acts_BL != 0)
             done += b
 
     cls = classification.compute()

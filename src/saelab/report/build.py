@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 SECTION_IDS = ("leaderboard", "tradeoff", "features", "dictionary", "l0-sweep", "training", "geometry", "provenance")
 NO_GT = "needs ground truth, and this source has no ground-truth scores (e.g. a run on real-model activations)"
 L0_EVAL_SAMPLES = 4096  # held-out inputs for s_n^dec and measured L0 (the L0-sweep default)
-LEADERBOARD_METRICS = ("f1", "mcc", "uniqueness", "explained_variance", "l0", "dead_latents")
 
 
 @dataclass
@@ -163,15 +162,21 @@ class _Analysis:
         return self._x
 
     def width_mismatch(self) -> str | None:
-        """Why the rebuilt data cannot feed the SAEs (its width differs from their d_in), or None."""
+        """Why the rebuilt data cannot feed the SAEs (one is a transcoder, or the data's width differs from their
+        d_in), or None."""
         if self.handle is None:
             return None
         for e in self.on_disk():
             sae = self.sae(e)
-            if sae is not None and int(sae.W_dec_LD.shape[1]) != int(self.handle.d_in):
+            if sae is not None and getattr(sae.cfg, "d_out", None) is not None:
+                return (
+                    f"{e.name} is a transcoder (it reads x and writes y): the sections that re-evaluate on the "
+                    "input analyse autoencoders; its transcoder metrics are in the leaderboard"
+                )
+            if sae is not None and int(sae.d_in) != int(self.handle.d_in):
                 return (
                     f"the data {self.handle.spec!r} has width {self.handle.d_in} but SAE {e.name} has d_in "
-                    f"{int(sae.W_dec_LD.shape[1])}: they do not belong together"
+                    f"{int(sae.d_in)}: they do not belong together"
                 )
         return None
 
@@ -219,6 +224,12 @@ def _leaderboard(a: _Analysis) -> Section:
     if not any(r.get("source") == "saelab" and r.get("f1_mean") is not None for r in rows):
         s.omitted = _no_gt_reason(a)
         return s
+    if not any(r.get("source") == "published" for r in rows):  # e.g. a store of transcoders: no SAE baselines
+        s.lead = s.lead.replace(
+            " beside the published SynthSAEBench-16k reference rows (italic: 16k protocol, width 4,096, 200M "
+            "samples — only rows of the same protocol compare directly)",
+            "",
+        )
     eval_counts = sorted({int(n) for e in a.src.entries if (n := _num(e.metrics.get("n_samples"))) is not None})
     if eval_counts:
         counts = " or ".join(f"{n:,}" for n in eval_counts)
@@ -226,7 +237,16 @@ def _leaderboard(a: _Analysis) -> Section:
             f" L0 and dead latents (never firing) are measured by each run's final evaluation, on {counts} fresh "
             "samples; sections below that re-evaluate say on how many."
         )
-    metrics = [METRICS[k] for k in LEADERBOARD_METRICS]
+    from saelab.bench.leaderboard import board_metrics, is_transcoder_row
+
+    # SAE rows: LEADERBOARD_METRICS; transcoder rows (tc-mini): F1, MCC, FVU, skip err, computing, L0, dead
+    metrics = [METRICS[k] for k in board_metrics(rows)]
+    if any(is_transcoder_row(r) for r in rows):
+        s.lead += (
+            " Transcoders: FVU is the unexplained share of their target y's variance, skip err ‖Ŝ − S‖/‖S‖ of the "
+            "learned skip against the world's (— without a skip), computing the share of AND, suppression and "
+            "fanout output features that got a latent of their own."
+        )
     headers = [
         ("source · protocol", "text"),
         ("arch", "text"),

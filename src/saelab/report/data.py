@@ -275,6 +275,7 @@ def load_run_folder(run_dir: Path) -> ReportSource:
 
 
 def _run_leaderboard(entries: list[SAEEntry]) -> list[dict[str, Any]]:
+    from saelab.bench.leaderboard import LEADERBOARD_METRICS, is_transcoder_row, with_transcoder_metrics
     from saelab.bench.reference import reference_rows
     from saelab.bench.store import sort_leaderboard, summary
 
@@ -282,7 +283,7 @@ def _run_leaderboard(entries: list[SAEEntry]) -> list[dict[str, Any]]:
     for e in entries:
         if not e.metrics:
             continue
-        stats = summary([e.metrics])
+        stats = summary([e.metrics], with_transcoder_metrics([e.metrics], LEADERBOARD_METRICS))
         rows.append(
             {
                 "source": "saelab",
@@ -296,7 +297,9 @@ def _run_leaderboard(entries: list[SAEEntry]) -> list[dict[str, Any]]:
                 "note": e.name,
             }
         )
-    return sort_leaderboard(rows + reference_rows(None))
+    # The published SynthSAEBench rows are SAE baselines: a run of transcoders alone gets none.
+    sae_run = not rows or not all(map(is_transcoder_row, rows))
+    return sort_leaderboard(rows + (reference_rows(None) if sae_run else []))
 
 
 def _run_config_hash(cfg: Any) -> str | None:
@@ -393,7 +396,10 @@ def load_store(path: Path) -> ReportSource:
                 run_config=run_cfg if isinstance(run_cfg, dict) else {},
             )
         )
-    board = store.leaderboard(None, include_reference=True)
+    # The published SynthSAEBench rows are SAE baselines: a store of transcoders alone gets none.
+    from saelab.bench.leaderboard import is_transcoder_row
+
+    board = store.leaderboard(None, include_reference=not latest or not all(map(is_transcoder_row, latest.values())))
     # provenance and training curves come from the best run (the latest one when nothing completed)
     best = max(entries, key=lambda e: (e.metrics.get("f1") or -1.0, e.folder is not None), default=None)
     best_run = runs[-1] if best is None else next(r for r in runs if r["run_id"] == best.metrics["run_id"])
