@@ -14,6 +14,18 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """One intra-op thread for a module of many small tensor ops: on a busy 2-core machine a second thread
+    only adds synchronisation (and oversubscribed, can make them 100x slower)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def no_plain_imported_architectures(monkeypatch):
     """Drop (for this test) architectures an earlier test registered by importing a user's file as a plain module

@@ -33,6 +33,11 @@ ARGS = [
     "--json",
 ]
 
+# The same settings as ARGS, for the one-process run.
+SINGLE = dict(
+    arch=["topk"], l0=[4], width=32, samples=6400, batch_size=128, lr=3e-3, eval_samples=200, dead_feature_window=10000
+)
+
 
 def torchrun(*args, timeout=120):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -58,17 +63,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     codes = (rng.random((4096, 64)) < 0.05) * rng.random((4096, 64))
     np.save(tmp_path / "acts.npy", (codes @ rng.standard_normal((64, 16))).astype(np.float32))
     single = run_training(
-        RunConfig(
-            activations=[str(tmp_path / "acts.npy")],
-            arch=["topk"],
-            l0=[4],
-            width=32,
-            samples=6400,
-            batch_size=128,
-            lr=3e-3,
-            eval_samples=200,
-            dead_feature_window=10000,
-        ),
+        RunConfig(activations=[str(tmp_path / "acts.npy")], **SINGLE),
         tmp_path / "single",
         progress=False,
     )
@@ -119,3 +114,39 @@ def test_two_ranks_on_live_lm(tiny_gpt2, corpus_path, tmp_path):
     [line] = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
     assert "ce_loss_recovered" in line and line["l0"] == pytest.approx(4.0)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "complete"
+
+
+def test_two_gloo_ranks_train_the_same_skip_transcoder_as_one_process(tmp_path):
+    """Transcoders under torchrun: each rank reads its share of a paired cache's (x, y) rows, and the
+    result (skip weights included) equals one process on the same rows."""
+    from saelab.activations.cache import write_cache
+    from saelab.data import TensorSource
+
+    rng = np.random.default_rng(1)
+    codes = (rng.random((4096, 64)) < 0.05) * rng.random((4096, 64))
+    x_ND = torch.from_numpy((codes @ rng.standard_normal((64, 16))).astype(np.float32))
+    y_NE = torch.from_numpy((codes @ rng.standard_normal((64, 12))).astype(np.float32)) + 0.3 * x_ND[:, :12]
+    identity = {
+        "model": "m",
+        "model_fingerprint": "f",
+        "layer": None,
+        "hook_module": "h.0.mlp:input",
+        "d_in": 16,
+        "out_hook_module": "h.0.mlp",
+        "d_out": 12,
+    }
+    write_cache(TensorSource(x_ND, y_NE), tmp_path / "c", tokens=4096, identity=identity, shard_tokens=1024)
+    single = run_training(
+        RunConfig(cache=str(tmp_path / "c"), transcoder="skip", **SINGLE),
+        tmp_path / "single",
+        progress=False,
+    )
+    out = torchrun("--cache", tmp_path / "c", "--transcoder", "skip", *ARGS, "--out", tmp_path / "dist")
+    [line] = [json.loads(x) for x in out.splitlines() if x.startswith("{")]  # only rank 0 reports
+    a = load_file(str(tmp_path / "single" / "saes" / "topk-l0_4" / "sae_weights.safetensors"))
+    b = load_file(str(tmp_path / "dist" / "saes" / "topk-l0_4" / "sae_weights.safetensors"))
+    assert "W_skip" in a and a["W_skip"].shape == (12, 16)
+    assert a["W_skip"].abs().max() > 0.05  # the skip learned something (y holds 0.3 x[:, :12])
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
+    assert line["fvu"] == pytest.approx(single.results[0]["fvu"], abs=1e-5)

@@ -23,7 +23,7 @@ from saelab.errors import ConfigError, FileFormatError  # noqa: E402
 from saelab.metrics.lm import evaluate_sae_on_lm, replaced_output_lm_metrics  # noqa: E402
 from saelab.saes.base import transcoder_fields  # noqa: E402
 from saelab.saes.registry import get_sae_class  # noqa: E402
-from tests.activations.test_cli import last_json, run_cli  # noqa: E402
+from tests.activations.test_cli import SMALL, last_json, run_cli  # noqa: E402
 
 IN, OUT = "transformer.h.1.mlp:input", "transformer.h.1.mlp"
 LM_KEYS = (
@@ -39,13 +39,7 @@ LM_KEYS = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    # Small ops on a busy 2-core machine: a second intra-op thread makes them slower, not faster.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -165,27 +159,7 @@ def test_an_exact_skip_transcoder_spliced_in_recovers_everything(tiny_gpt2_train
         evaluate_sae_on_lm(tc, unpaired, batches)
 
 
-TRAIN = [
-    "--arch",
-    "topk",
-    "--l0",
-    "4",
-    "--width",
-    "64",
-    "--samples",
-    "8k",
-    "--batch-size",
-    "256",
-    "--lr",
-    "3e-3",
-    "--context-size",
-    "32",
-    "--buffer-size",
-    "2048",
-    "--eval-samples",
-    "1k",
-    "--json",
-]
+TRAIN = [*SMALL, "--json"]
 
 
 def test_cache_then_train_a_transcoder_spliced_into_the_lm(tiny_gpt2_trained, corpus_path, tmp_path, capsys):

@@ -62,17 +62,11 @@ def world_config(**overrides) -> TranscoderWorldConfig:
     return TranscoderWorldConfig(**kw)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    # Many small tensor ops: on a busy 2-core machine a second intra-op thread makes them far slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def world(_single_torch_thread) -> TranscoderWorld:
+def world(single_torch_thread) -> TranscoderWorld:
     return TranscoderWorld(world_config())
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from saelab.synthetic import SyntheticModel, build_preset
 
@@ -19,10 +18,5 @@ def sbw_model() -> SyntheticModel:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    # These tests run many small tensor ops, where a second intra-op thread only adds
-    # synchronisation (and on an oversubscribed 2-core box can make them 100x slower).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread_per_module(single_torch_thread):
+    """Every synthetic test module runs its many small tensor ops on one thread (see tests/conftest.py)."""

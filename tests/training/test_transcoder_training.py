@@ -22,18 +22,11 @@ from saelab.synthetic import TranscoderWorld, save_transcoder_world
 from saelab.training.trainer import TrainConfig, Trainer, read_checkpoint
 from tests.training.transcoder_worlds import least_squares_skip, small_world
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    # Many small tensor ops: on a busy 2-core machine a second intra-op thread makes them far slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def world(_single_torch_thread) -> TranscoderWorld:
+def world(single_torch_thread) -> TranscoderWorld:
     return small_world()
 
 
