@@ -72,3 +72,14 @@ def tiny_synthetic_model_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-model") / "tiny"
     save_synthetic_model(SyntheticModel(cfg), str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_transcoder_world_dir(tmp_path_factory) -> Path:
+    """A saved small transcoder world (512 inputs in 16 dims, d_out 32; `tests/training/transcoder_worlds.py`)."""
+    from saelab.synthetic import save_transcoder_world
+    from tests.training.transcoder_worlds import small_world
+
+    path = tmp_path_factory.mktemp("tiny-transcoder-world") / "world"
+    save_transcoder_world(small_world(), str(path))
+    return path

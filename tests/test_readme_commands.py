@@ -11,7 +11,7 @@ nothing here lists them. What counts as a command, and how each kind is checked:
   `bench` commands above it wrote), and must exit 0; a `--json` command must end with a JSON line. Scaled down:
   every synthetic preset (`synth-mini`, `synth-16k`, `sbw-toy`; checked to exist first) is replaced by a tiny
   96-feature model, every benchmark protocol by a tiny one of the same name (width 32, 512 samples, the same
-  schedule and tiers), `--samples` by 512 (two steps), `--seeds` by 1, `--jobs` by 1 (no worker processes),
+  schedule and tiers; a transcoder protocol on a small saved transcoder world), `--samples` by 512 (two steps), `--seeds` by 1, `--jobs` by 1 (no worker processes),
   `--eval-samples` by 1k, `--batch-size` by 256; commands that default to large budgets get those values added
   (`--samples` where no protocol sets the budget, `--eval-samples`, `--gt-eval-samples`, `--batch-size`, `--steps`
   50) and `--no-estimate` (no timing run before a two-step run). Placeholders: `runs/<run>`, `<name>` and `RUN_DIR` name a
@@ -160,7 +160,7 @@ def test_extraction_rules():
 
 # --------------------------------------------------------------------------------------------- the workspace
 @pytest.fixture(scope="module")
-def workspace(tiny_synthetic_model_dir, tmp_path_factory):
+def workspace(tiny_synthetic_model_dir, tiny_transcoder_world_dir, tmp_path_factory):
     """A scratch folder as a reader's clone would be: `examples/` and `benchmarks/` at hand, a tiny run for the
     placeholders, small activation files; every protocol replaced by a tiny one for the module's tests."""
     import numpy as np
@@ -184,7 +184,8 @@ def workspace(tiny_synthetic_model_dir, tmp_path_factory):
     torch.save(acts_ND, root / "t.pt")
     with pytest.MonkeyPatch.context() as mp:
         for name, proto in list(PROTOCOLS.items()):
-            mp.setitem(PROTOCOLS, name, tiny_protocol(proto, tiny_synthetic_model_dir))
+            data_dir = tiny_synthetic_model_dir if proto.transcoder == "none" else tiny_transcoder_world_dir
+            mp.setitem(PROTOCOLS, name, tiny_protocol(proto, data_dir))
         yield root
 
 
