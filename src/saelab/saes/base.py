@@ -155,6 +155,19 @@ class StepOutput:
     fired_L: torch.Tensor
     metrics: dict[str, float] = field(default_factory=dict)
 
+    @classmethod
+    def from_dense_acts(
+        cls, losses: dict[str, torch.Tensor], x_hat_BD: torch.Tensor, acts_BL: torch.Tensor
+    ) -> StepOutput:
+        """The step of an SAE with dense codes: loss = Σ losses, L0 and firing read off acts_BL."""
+        with torch.no_grad():
+            active_BL = acts_BL != 0
+            l0 = active_BL.sum(dim=-1).float().mean()
+            fired_L = active_BL.any(dim=0)
+        loss = sum(losses.values())
+        assert isinstance(loss, torch.Tensor)
+        return cls(loss=loss, losses=losses, x_hat_BD=x_hat_BD, l0=l0, fired_L=fired_L)
+
 
 class SAE(nn.Module):
     """Base class: parameters, decoding, inference encoding and the SAELens-compatible layout.

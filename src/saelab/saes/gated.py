@@ -182,17 +182,7 @@ class GatedSAE(SAE):
             "l1": l1_coefficient * weighted_BL.sum(dim=-1).mean(),
             "aux": mse_per_sample(gate_acts_BL @ W_aux_LD + b_aux_D, target_BD).mean(),
         }
-        with torch.no_grad():
-            active_BL = acts_BL != 0
-            l0 = active_BL.sum(dim=-1).float().mean()
-            fired_L = active_BL.any(dim=0)
-        return StepOutput(
-            loss=losses["mse"] + losses["l1"] + losses["aux"],
-            losses=losses,
-            x_hat_BD=x_hat_BD,
-            l0=l0,
-            fired_L=fired_L,
-        )
+        return StepOutput.from_dense_acts(losses, x_hat_BD, acts_BL)
 
     def _train_forward_sparse(self, x_tilde_BD, xw_BL, open_BL, target_BD, l1_coefficient) -> StepOutput:
         """The dense step's loss and gradients, computed on the open gates (π_gate > 0) only."""

@@ -307,17 +307,7 @@ class JumpReLUSAE(SAE):
         x_hat_BD = self.reconstruct(acts_BL)
         losses = {"mse": mse_per_sample(x_hat_BD, target_BD).mean()}
         losses.update(self.sparsity_losses(hidden_pre_BL, acts_BL, ctx.coefficients, ctx.dead_mask_L))
-        with torch.no_grad():
-            active_BL = acts_BL != 0
-            l0 = active_BL.sum(dim=-1).float().mean()
-            fired_L = active_BL.any(dim=0)
-        return StepOutput(
-            loss=sum(losses.values()),  # type: ignore[arg-type]
-            losses=losses,
-            x_hat_BD=x_hat_BD,
-            l0=l0,
-            fired_L=fired_L,
-        )
+        return StepOutput.from_dense_acts(losses, x_hat_BD, acts_BL)
 
     def _train_forward_sparse(self, x_tilde_BD, hidden_pre_BL, entries_BL, target_BD, ctx) -> StepOutput:
         """The dense step's loss and gradients, from the active and in-band entries only."""

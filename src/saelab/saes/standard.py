@@ -133,17 +133,7 @@ class StandardSAE(SAE):
             "mse": mse_per_sample(x_hat_BD, target_BD).mean(),
             "l1": self.sparsity_loss(acts_BL, l1_coefficient),
         }
-        with torch.no_grad():
-            active_BL = acts_BL != 0
-            l0 = active_BL.sum(dim=-1).float().mean()
-            fired_L = active_BL.any(dim=0)
-        return StepOutput(
-            loss=losses["mse"] + losses["l1"],
-            losses=losses,
-            x_hat_BD=x_hat_BD,
-            l0=l0,
-            fired_L=fired_L,
-        )
+        return StepOutput.from_dense_acts(losses, x_hat_BD, acts_BL)
 
     def _train_forward_sparse(self, x_tilde_BD, hidden_pre_BL, active_BL, target_BD, l1_coefficient) -> StepOutput:
         """The dense step's loss and gradients, computed on the positive pre-activations only (L1 case)."""
