@@ -22,7 +22,6 @@ the bf16 figures there measure the emulation, not the method; the script says so
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import time
@@ -47,9 +46,9 @@ def _time(step, n_steps: int, warmup: int = 3, device: torch.device = torch.devi
 
 
 def _autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    from saelab.devices import precision_autocast  # emulated bf16 GEMMs where the CPU has no bf16 units
+
+    return precision_autocast(precision, device)
 
 
 JUMPRELU_BANDWIDTH = 1.0  # SynthSAEBench's JumpReLU setting (saes/jumprelu.py config_for_l0)
@@ -198,7 +197,10 @@ def main() -> None:
     say = (lambda *a, **k: None) if args.json else print
     say(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, device {device}")
     if "bf16" in precisions and not native:
-        say(f"note: {device} has no native bf16 matmul units: bf16 figures measure torch's emulation")
+        say(
+            f"note: {device} has no native bf16 matmul units: its bf16 GEMMs are emulated in fp32 (bf16 numerics), "
+            "so bf16 figures show the cost of bf16's casts, not a bf16 speed-up"
+        )
     for spec in args.shapes.split(","):
         dims, k = spec.split(":")
         d_in, d_sae = (int(v) for v in dims.split("x"))

@@ -139,3 +139,34 @@ def test_synth_sample_in_bf16_keeps_the_firing_statistics(tiny_synthetic_model_d
     # se of the difference. 4.9 se bounds a false failure at ≈1e-6.
     se = ((l0["fp32"].var() + l0["bf16"].var()) / n).sqrt()
     assert abs(l0["bf16"].mean() - l0["fp32"].mean()) < 4.9 * se
+
+
+def test_emulated_bf16_products_round_as_bf16_hardware_does(monkeypatch):
+    """Without bf16 units a bf16 product is widened, multiplied in fp32 and rounded to bf16: bf16 hardware's
+    numbers (exact products, fp32 accumulation, one rounding), up to the order of the fp32 sums."""
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    gen = torch.Generator().manual_seed(0)
+    x_BD = torch.randn(64, 48, generator=gen)
+    W_DL = torch.randn(48, 96, generator=gen, requires_grad=True)
+    b_L = torch.randn(96, generator=gen, requires_grad=True)
+    with devices.precision_autocast("bf16", "cpu"):
+        y_BL = torch.nn.functional.linear(x_BD, W_DL.T, b_L)
+        z_BL = x_BD @ W_DL
+    assert y_BL.dtype == torch.bfloat16 and z_BL.dtype == torch.bfloat16
+    x_bf, W_bf, b_bf = x_BD.bfloat16().double(), W_DL.detach().bfloat16().double(), b_L.detach().bfloat16().double()
+    exact_BL, with_bias_BL = x_bf @ W_bf, x_bf @ W_bf + b_bf
+    # fp32 sums of 48 exact products err by at most e = 48·2⁻²⁴·Σ|terms| (+|b| with the bias); one rounding
+    # to bf16 adds at most half a step, 2⁻⁸ of the value. So |result − exact| ≤ 2⁻⁷·|exact| + 2e, rigorously.
+    e_BL = 49 * 2.0**-24 * (x_bf.abs() @ W_bf.abs() + b_bf.abs())
+    assert ((z_BL.double() - exact_BL).abs() <= 2.0**-7 * exact_BL.abs() + 2 * e_BL).all()
+    assert ((y_BL.double() - with_bias_BL).abs() <= 2.0**-7 * with_bias_BL.abs() + 2 * e_BL).all()
+    assert (z_BL.double() != (x_BD @ W_DL).detach().double()).any()  # rounded, not fp32
+    # The backward multiplies the saved bf16 tensors outside autocast: bf16_emulation reroutes those too.
+    with devices.bf16_emulation("bf16", "cpu") as mode:
+        y_BL.float().square().mean().backward()
+    assert isinstance(mode, devices.EmulatedBf16Matmuls) and mode.calls >= 1
+    assert W_DL.grad is not None and W_DL.grad.dtype == torch.float32
+    # Only a bf16 run on a CPU without bf16 units is emulated.
+    assert not isinstance(devices.bf16_emulation("fp32", "cpu"), devices.EmulatedBf16Matmuls)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    assert not isinstance(devices.bf16_emulation("bf16", "cpu"), devices.EmulatedBf16Matmuls)

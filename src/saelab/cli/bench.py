@@ -10,6 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from saelab.bench.protocols import PROTOCOLS
 from saelab.cli import app
 from saelab.cli.common import arch_names_help, out, parse_count, parse_l0_values, print_json
 from saelab.errors import ConfigError, TrainingInterrupted
@@ -20,7 +21,12 @@ RESULT_KEYS = ["arch", "l0_target", "seed", "samples", *RUN_METRICS, "compute_pr
 
 @app.command()
 def bench(
-    protocol: str = typer.Option("mini", help="Benchmark protocol: mini (2-core CPU) or 16k (published, GPU)."),
+    protocol: str = typer.Option(
+        "mini",
+        help="Benchmark protocol: "
+        + "; ".join(f"{p.name}: {p.data}, width {p.width}, {p.samples:,} samples" for p in PROTOCOLS.values())
+        + ".",
+    ),
     arch: list[str] | None = typer.Option(
         None,
         help="Architectures: registry names, module:Class, or ARCH:key=value variants (batchtopk:skip=false: a plain "

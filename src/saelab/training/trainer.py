@@ -26,7 +26,7 @@ import torch
 
 from saelab import parallel as dist_utils
 from saelab.data.protocol import ActivationSource, PairedSource, is_paired
-from saelab.devices import PRECISIONS, emulated_bf16_warning, precision_autocast, resolve_precision
+from saelab.devices import PRECISIONS, bf16_emulation, emulated_bf16_warning, precision_autocast, resolve_precision
 from saelab.errors import ConfigError, FileFormatError, TrainingDivergedError, TrainingInterrupted, require
 from saelab.saes.base import SAE, StepContext
 from saelab.saes.registry import get_sae_class
@@ -500,7 +500,8 @@ class Trainer:
         if self.device.type == "cpu":  # free on CPU; on GPU checked at log and checkpoint steps (no sync)
             self._check_exploded()
         state.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        with bf16_emulation(self.precision, self.device):  # the backward's products of saved bf16 tensors
+            out.loss.backward()
         if self.distributed:
             dist_utils.average_gradients(sae.parameters())
         if cfg.grad_clip is not None:
