@@ -199,7 +199,7 @@ def main() -> None:
     if "bf16" in precisions and not native:
         say(
             f"note: {device} has no native bf16 matmul units: its bf16 GEMMs are emulated in fp32 (bf16 numerics), "
-            "so bf16 figures show the cost of bf16's casts, not a bf16 speed-up"
+            "so bf16 figures show the cost of bf16's other ops and casts, not a bf16 speed-up"
         )
     for spec in args.shapes.split(","):
         dims, k = spec.split(":")

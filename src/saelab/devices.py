@@ -93,7 +93,7 @@ def emulated_bf16_warning(precision: str, device: str | torch.device) -> str | N
     if precision == "bf16" and not has_native_bf16(device):
         how = (
             "its bf16 matmuls are emulated: rounded exactly as bf16 hardware rounds them, computed in fp32, so the "
-            "numerics are bf16's and the speed is fp32's"
+            "numerics are bf16's; the products run at fp32 speed, the other bf16 ops may still be slow"
             if torch.device(device).type == "cpu"
             else "torch emulates bf16 there, far slower than fp32"
         )
