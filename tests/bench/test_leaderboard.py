@@ -77,6 +77,37 @@ def test_a_non_protocol_budget_is_its_own_entry_and_never_replaces_the_protocol_
     assert "F1 95% CI" in md and "1.5M (protocol: 6M)" in md
 
 
+def test_a_bf16_run_is_its_own_entry_and_never_replaces_the_fp32_run_of_its_seed(tmp_path, capsys, monkeypatch):
+    # Bug: the leaderboard kept the latest run per (arch, L0, budget, seed), so a bf16 parity run replaced the
+    # fp32 run of the same seed and the two precisions averaged into one row.
+    from saelab.cli import main
+
+    store = ResultsStore(tmp_path / "results.sqlite")
+    for precision, f1s in (("fp32", (0.80, 0.82)), ("bf16", (0.70, 0.74))):
+        for seed, f1 in enumerate(f1s):
+            run_id = store.start_run("mini", "recipe", 12, seed, env(6_000_000))
+            store.finish_run(run_id, {**result(f1), "compute_precision": precision}, 1.0)
+    store.finish_run(store.start_run("mini", "recipe", 12, 0, env(6_000_000)), result(0.5), 1.0)  # unrecorded
+    board = {r["compute_precision"]: r for r in store.leaderboard("mini", include_reference=False)}
+    assert set(board) == {"fp32", "bf16", None}
+    assert board["fp32"]["n_seeds"] == 2 and board["fp32"]["f1_mean"] == pytest.approx(0.81)
+    assert board["bf16"]["n_seeds"] == 2 and board["bf16"]["f1_mean"] == pytest.approx(0.72)
+    assert board[None]["n_seeds"] == 1 and board[None]["f1_mean"] == pytest.approx(0.5)
+    records = [
+        {"arch": "recipe", "l0_target": 12.0, "seed": 0, "f1": f, "compute_precision": p}
+        for f, p in ((0.8, "fp32"), (0.7, "bf16"))
+    ]
+    assert {r["compute_precision"]: r["f1_mean"] for r in summarize_seeds(records, ("f1",))} == pytest.approx(
+        {"fp32": 0.8, "bf16": 0.7}
+    )
+    export_leaderboard(list(board.values()), tmp_path / "board.csv", "csv")
+    assert {r["compute_precision"] for r in csv.DictReader((tmp_path / "board.csv").open())} == {"fp32", "bf16", ""}
+    monkeypatch.setenv("COLUMNS", "250")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["results", "--store", str(store.path), "leaderboard", "--no-reference"])
+    assert exit_info.value.code == 0 and "precision" in capsys.readouterr().out
+
+
 def test_results_leaderboard_shows_the_interval_and_the_budget(tmp_path, capsys, monkeypatch):
     from saelab.cli import main
 

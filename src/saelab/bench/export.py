@@ -38,7 +38,7 @@ RUN_COLUMNS = [
     "hostname",
 ]
 LEADERBOARD_COLUMNS = (
-    ["source", "protocol", "arch", "l0_target", "samples", "protocol_samples", "n_seeds"]
+    ["source", "protocol", "arch", "l0_target", "samples", "protocol_samples", "compute_precision", "n_seeds"]
     + [f"{m}_{s}" for m in LEADERBOARD_METRICS for s in STAT_SUFFIXES]
     + ["f1_best", "citation", "note"]
 )

@@ -1,8 +1,9 @@
-"""The one seed summary: runs grouped by (arch, L0, budget), with mean, sd, standard error and 95% interval.
+"""The one seed summary: runs grouped by (arch, L0, budget, precision), with mean, sd, standard error and 95% interval.
 
 Used by the store's leaderboard (`saelab results leaderboard`, exports, plots, the report) and by the bench
 command's own summary (`bench.runner.summarize`), so both always agree. A run trained on a budget other than
 its protocol's is its own group: a quick 1.5M-sample run never averages with, or replaces, a 6M protocol run.
+Likewise a bf16 run never averages with, or replaces, the fp32 run of the same seed.
 """
 
 from __future__ import annotations
@@ -51,6 +52,15 @@ def budget_of(row: Mapping[str, Any]) -> int | None:
         if value is not None:
             return int(value)
     return None
+
+
+def precision_of(row: Mapping[str, Any]) -> str | None:
+    """The precision a run's training steps computed in (`compute_precision`: fp32 or bf16); None for runs
+    recorded before it was, whose precision the store cannot tell."""
+    value = row.get("compute_precision")
+    if value is None and isinstance(row.get("metrics"), Mapping):
+        value = row["metrics"].get("compute_precision")
+    return None if value is None else str(value)
 
 
 def protocol_budget_of(row: Mapping[str, Any]) -> int | None:
@@ -111,22 +121,32 @@ def summary(group: Iterable[Mapping[str, Any]], metrics: Sequence[str] = LEADERB
     return result
 
 
-def group_key(row: Mapping[str, Any]) -> tuple[str, float, int | None]:
-    return str(row["arch"]), float(row["l0_target"]), budget_of(row)
+def group_key(row: Mapping[str, Any]) -> tuple[str, float, int | None, str | None]:
+    """(arch, L0 target, budget, compute precision): the runs of one group differ only by seed."""
+    return str(row["arch"]), float(row["l0_target"]), budget_of(row), precision_of(row)
 
 
 def summarize_seeds(
     records: Iterable[Mapping[str, Any]],
     metrics: Sequence[str] = LEADERBOARD_METRICS,
 ) -> list[dict[str, Any]]:
-    """One row per (arch, L0, budget) over the given records (one per seed), best mean F1 first."""
-    groups: dict[tuple[str, float, int | None], list[Mapping[str, Any]]] = {}
+    """One row per (arch, L0, budget, precision) over the given records (one per seed), best mean F1 first."""
+    groups: dict[tuple[str, float, int | None, str | None], list[Mapping[str, Any]]] = {}
     for r in records:
         groups.setdefault(group_key(r), []).append(r)
     rows = []
-    for (arch, l0, samples), group in groups.items():
+    for (arch, l0, samples, precision), group in groups.items():
         stats = summary(group, metrics)
-        rows.append({"arch": arch, "l0_target": l0, "samples": samples, "n_seeds": stats.pop("n"), **stats})
+        rows.append(
+            {
+                "arch": arch,
+                "l0_target": l0,
+                "samples": samples,
+                "compute_precision": precision,
+                "n_seeds": stats.pop("n"),
+                **stats,
+            }
+        )
     rows.sort(
         key=lambda r: (
             r.get("f1_mean") is None,
@@ -142,27 +162,28 @@ def summarize_seeds(
 def leaderboard_rows(
     complete_runs: Iterable[Mapping[str, Any]], protocol: str | None = None, *, include_reference: bool = True
 ) -> list[dict[str, Any]]:
-    """One row per (protocol, arch, l0_target, samples) over complete store runs, best mean F1 first.
+    """One row per (protocol, arch, l0_target, samples, compute precision) over complete store runs, best mean F1
+    first.
 
     Each row: source ("saelab" or "published"), protocol, arch, l0_target, samples (the training budget),
-    protocol_samples and protocol_budget (whether it is the protocol's own budget), n_seeds, the summary()
+    protocol_samples and protocol_budget (whether it is the protocol's own budget), compute_precision (fp32,
+    bf16, or None for runs recorded before precision was), n_seeds, the summary()
     statistics and f1_best. If a seed was run more than once at one budget, its latest complete run counts.
     Published reference rows (saelab.bench.reference) are added for protocol None or "16k" unless
     include_reference=False.
     """
     from saelab.bench.reference import reference_rows
 
-    latest: dict[tuple[str, str, float, int | None, int], Mapping[str, Any]] = {}
+    latest: dict[tuple[str, str, float, int | None, str | None, int], Mapping[str, Any]] = {}
     for run in complete_runs:  # oldest first, so a later run of the same seed replaces an earlier one
         if run.get("status", "complete") != "complete":
             continue
-        arch, l0, samples = group_key(run)
-        latest[(str(run["protocol"]), arch, l0, samples, int(run["seed"]))] = run
-    groups: dict[tuple[str, str, float, int | None], list[Mapping[str, Any]]] = {}
-    for (proto, arch, l0, samples, _), run in latest.items():
-        groups.setdefault((proto, arch, l0, samples), []).append(run)
+        latest[(str(run["protocol"]), *group_key(run), int(run["seed"]))] = run
+    groups: dict[tuple[str, str, float, int | None, str | None], list[Mapping[str, Any]]] = {}
+    for (proto, arch, l0, samples, precision, _), run in latest.items():
+        groups.setdefault((proto, arch, l0, samples, precision), []).append(run)
     rows = []
-    for (proto, arch, l0, samples), group in groups.items():
+    for (proto, arch, l0, samples, precision), group in groups.items():
         stats = summary(group, with_transcoder_metrics(group, LEADERBOARD_METRICS))
         budgets = {protocol_budget_of(r) for r in group} - {None}
         proto_samples = budgets.pop() if len(budgets) == 1 else None
@@ -174,6 +195,7 @@ def leaderboard_rows(
             "samples": samples,
             "protocol_samples": proto_samples,
             "protocol_budget": None if proto_samples is None or samples is None else samples == proto_samples,
+            "compute_precision": precision,
             "n_seeds": stats.pop("n"),
         }
         row.update(stats)

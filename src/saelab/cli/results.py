@@ -43,6 +43,7 @@ BOARD_COLUMNS = [
     ("arch", "arch", "{}"),
     ("l0_target", "L0 target", "{:g}"),
     ("budget", "samples", "{}"),
+    ("compute_precision", "precision", "{}"),
     ("n_seeds", "seeds", "{}"),
     ("f1", "F1", "{}"),
     ("f1_ci95", "F1 95% CI", "{}"),
@@ -76,7 +77,11 @@ TRANSCODER_BOARD_COLUMNS = {
 def board_columns(metrics: tuple[str, ...]) -> list[tuple[str, str, str]]:
     """BOARD_COLUMNS with `metrics` (bench.leaderboard.board_metrics) as its metric columns, in that order."""
     known = {c[0]: c for c in BOARD_COLUMNS} | TRANSCODER_BOARD_COLUMNS
-    head = [c for c in BOARD_COLUMNS if c[0] in ("source", "protocol", "arch", "l0_target", "budget", "n_seeds")]
+    head = [
+        c
+        for c in BOARD_COLUMNS
+        if c[0] in ("source", "protocol", "arch", "l0_target", "budget", "compute_precision", "n_seeds")
+    ]
     body = [c for m in metrics for c in ([known[m], known["f1_ci95"]] if m == "f1" else [known[m]])]
     return [*head, *body, known["f1_best"]]
 
@@ -150,7 +155,7 @@ def leaderboard(
     json_output: bool = typer.Option(False, "--json", help="One JSON line per leaderboard row."),
 ) -> None:
     """Mean ± sd and the 95% interval of the mean over seeds per (arch, L0, budget) for complete runs, best mean
-    F1 first. A run on another budget than its protocol's is its own row."""
+    F1 first. A run on another budget than its protocol's, or in another precision (bf16/fp32), is its own row."""
     rows = _open(store, ctx).leaderboard(protocol, include_reference=reference)
     if json_output:
         for row in rows:
@@ -174,8 +179,13 @@ def leaderboard(
         for row in rows
     ]
     protocols = {r["protocol"] for r in rows}
-    columns = [c for c in board_columns(metrics) if c[0] != "protocol" or len(protocols) > 1]  # one: in the title
-    table = results_table(f"leaderboard ({', '.join(sorted(protocols))})", display, columns)
+    precisions = {r.get("compute_precision") for r in rows if r["source"] == "saelab"}
+    one = {"protocol": len(protocols) == 1, "compute_precision": len(precisions) == 1}  # one value: in the title
+    columns = [c for c in board_columns(metrics) if not one.get(c[0], False)]
+    title = ", ".join(sorted(protocols))
+    if one["compute_precision"] and None not in precisions:
+        title += f"; {next(iter(precisions))}"
+    table = results_table(f"leaderboard ({title})", display, columns)
     for column in table.columns:
         if column.header in ("arch", "source"):
             column.no_wrap = True  # keep names whole; the mean ± sd cells may wrap on a narrow terminal

@@ -263,16 +263,21 @@ def _leaderboard(a: _Analysis) -> Section:
     from saelab.bench.export import format_budget
     from saelab.bench.protocols import PROTOCOLS
 
+    # bf16 and fp32 runs of one config are separate rows: name the precision where the store holds both
+    mixed = len({r.get("compute_precision") for r in rows if r.get("source") == "saelab"}) > 1
     for r in rows:
         src_proto = f"{r.get('source')} · {r.get('protocol')}"
         samples = r.get("samples")
         if samples is None and r.get("source") == "published" and r.get("protocol") in PROTOCOLS:
             samples = PROTOCOLS[str(r["protocol"])].samples  # the published runs trained the protocol's budget
+        budget = format_budget(samples, r.get("protocol_samples"))
+        if mixed and r.get("source") == "saelab":
+            budget += f" · {r.get('compute_precision') or 'precision not recorded'}"
         cells = [
             (esc(src_proto), src_proto),
             (esc(r.get("arch")), r.get("arch")),
             (f"{r['l0_target']:g}", r["l0_target"]),
-            (esc(format_budget(samples, r.get("protocol_samples"))), samples),
+            (esc(budget), samples),
             (_fmt(r.get("n_seeds")), r.get("n_seeds")),
         ]
         for m in metrics:
