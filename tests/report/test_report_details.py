@@ -58,6 +58,26 @@ def test_runs_on_another_budget_stay_separate_entries(report_store, two_budget_s
     assert archs == {f"{arch} · {budget}" for arch in ("batchtopk", "matryoshka") for budget in ("30k", "8,192")}
 
 
+def test_bf16_and_fp32_runs_of_one_arch_stay_apart_in_the_figures():
+    from saelab.report.data import SAEEntry
+
+    def entry(arch, samples, precision):
+        metrics = {"f1": 0.5} if precision is None else {"f1": 0.5, "compute_precision": precision}
+        return SAEEntry(name=arch, arch=arch, l0_target=12, seed=0, metrics=metrics, folder=None, samples=samples)
+
+    entries = [entry("topk", 6000, "fp32"), entry("topk", 6000, "bf16"), entry("topk", 6000, None)]
+    entries += [entry("jumprelu", 6000, "fp32"), entry("jumprelu", 3000, "fp32")]
+    assert [e.arch for e in report_build._by_budget(entries)] == [
+        "topk · 6k · fp32",
+        "topk · 6k · bf16",
+        "topk · 6k · precision not recorded",
+        "jumprelu · 6k",
+        "jumprelu · 3k",
+    ]
+    one = [entry("topk", 6000, "bf16")]
+    assert [e.arch for e in report_build._by_budget(one)] == ["topk"]  # nothing to tell apart: the name alone
+
+
 def test_store_provenance_describes_the_run_shown(report_store):
     a = analysis(report_store)
     html = "".join(report_build._provenance(a).body)

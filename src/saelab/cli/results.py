@@ -180,10 +180,10 @@ def leaderboard(
     ]
     protocols = {r["protocol"] for r in rows}
     precisions = {r.get("compute_precision") for r in rows if r["source"] == "saelab"}
-    one = {"protocol": len(protocols) == 1, "compute_precision": len(precisions) == 1}  # one value: in the title
+    one = {"protocol": len(protocols) == 1, "compute_precision": len(precisions) <= 1}  # one value: in the title
     columns = [c for c in board_columns(metrics) if not one.get(c[0], False)]
     title = ", ".join(sorted(protocols))
-    if one["compute_precision"] and None not in precisions:
+    if len(precisions) == 1 and None not in precisions:
         title += f"; {next(iter(precisions))}"
     table = results_table(f"leaderboard ({title})", display, columns)
     for column in table.columns:

@@ -330,17 +330,27 @@ def _tradeoff(a: _Analysis) -> Section:
 
 
 def _by_budget(entries: list[SAEEntry]) -> list[SAEEntry]:
-    """Entries whose architecture ran on several budgets, renamed 'arch · 1.5M' so the figures keep budgets apart
-    (a 100k-sample run is no extra seed of a 6M one)."""
+    """Entries whose architecture ran on several budgets or precisions, renamed 'arch · 1.5M' (or 'arch · 6M ·
+    bf16') so the figures keep them apart (a 100k-sample run is no extra seed of a 6M one, nor a bf16 run of an
+    fp32 one)."""
     from saelab.bench.export import format_budget
+    from saelab.bench.leaderboard import precision_of
 
     budgets: dict[str, set[int | None]] = {}
+    precisions: dict[str, set[str | None]] = {}
     for e in entries:
         budgets.setdefault(e.arch, set()).add(e.samples)
-    return [
-        dataclasses.replace(e, arch=f"{e.arch} · {format_budget(e.samples)}") if len(budgets[e.arch]) > 1 else e
-        for e in entries
-    ]
+        precisions.setdefault(e.arch, set()).add(precision_of(e.metrics))
+
+    def label(e: SAEEntry) -> str:
+        parts = [e.arch]
+        if len(budgets[e.arch]) > 1 or len(precisions[e.arch]) > 1:
+            parts.append(format_budget(e.samples))
+        if len(precisions[e.arch]) > 1:
+            parts.append(precision_of(e.metrics) or "precision not recorded")
+        return " · ".join(parts)
+
+    return [dataclasses.replace(e, arch=label(e)) for e in entries]
 
 
 def _no_gt_reason(a: _Analysis) -> str:
