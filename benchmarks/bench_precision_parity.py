@@ -29,18 +29,15 @@ PRECISIONS = ("fp32", "bf16")
 def latest_by_seed(
     runs: Iterable[Mapping[str, Any]], samples: int | None
 ) -> dict[tuple[str, str, int], Mapping[str, Any]]:
-    """{(arch, precision, seed): run} from complete store runs on `samples` (None: any), the latest per seed."""
-    from saelab.bench.leaderboard import budget_of, precision_of
+    """{(arch, precision, seed): run}: the leaderboard's latest complete run per seed, on `samples` (None: any),
+    fp32 or bf16 only."""
+    from saelab.bench.leaderboard import latest_complete_runs
 
-    latest: dict[tuple[str, str, int], Mapping[str, Any]] = {}
-    for run in runs:  # oldest first: a rerun of a seed replaces the earlier one, as on the leaderboard
-        precision = precision_of(run)
-        if run.get("status", "complete") != "complete" or precision not in PRECISIONS:
-            continue
-        if samples is not None and budget_of(run) != samples:
-            continue
-        latest[(str(run["arch"]), precision, int(run["seed"]))] = run
-    return latest
+    return {
+        (arch, precision, seed): run
+        for (_, arch, _, budget, precision, seed), run in latest_complete_runs(runs).items()
+        if precision in PRECISIONS and (samples is None or budget == samples)
+    }
 
 
 def parity_rows(runs: Iterable[Mapping[str, Any]], samples: int | None = None) -> list[dict[str, Any]]:

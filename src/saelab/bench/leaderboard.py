@@ -126,6 +126,19 @@ def group_key(row: Mapping[str, Any]) -> tuple[str, float, int | None, str | Non
     return str(row["arch"]), float(row["l0_target"]), budget_of(row), precision_of(row)
 
 
+RunKey = tuple[str, str, float, int | None, str | None, int]  # (protocol, *group_key, seed)
+
+
+def latest_complete_runs(runs: Iterable[Mapping[str, Any]]) -> dict[RunKey, Mapping[str, Any]]:
+    """The latest complete run per (protocol, arch, L0, budget, precision, seed): `runs` oldest first, so a
+    rerun of a seed replaces the earlier one. What the leaderboard, the report and the parity check count."""
+    latest: dict[RunKey, Mapping[str, Any]] = {}
+    for run in runs:
+        if run.get("status", "complete") == "complete":
+            latest[(str(run["protocol"]), *group_key(run), int(run["seed"]))] = run
+    return latest
+
+
 def summarize_seeds(
     records: Iterable[Mapping[str, Any]],
     metrics: Sequence[str] = LEADERBOARD_METRICS,
@@ -174,11 +187,7 @@ def leaderboard_rows(
     """
     from saelab.bench.reference import reference_rows
 
-    latest: dict[tuple[str, str, float, int | None, str | None, int], Mapping[str, Any]] = {}
-    for run in complete_runs:  # oldest first, so a later run of the same seed replaces an earlier one
-        if run.get("status", "complete") != "complete":
-            continue
-        latest[(str(run["protocol"]), *group_key(run), int(run["seed"]))] = run
+    latest = latest_complete_runs(complete_runs)
     groups: dict[tuple[str, str, float, int | None, str | None], list[Mapping[str, Any]]] = {}
     for (proto, arch, l0, samples, precision, _), run in latest.items():
         groups.setdefault((proto, arch, l0, samples, precision), []).append(run)

@@ -352,14 +352,11 @@ def load_store(path: Path) -> ReportSource:
             f"run {r['run_id']} ({r['protocol']} {r['arch']} L0 {r['l0_target']:g} seed {r['seed']}) "
             f"is {r['status']}: {why}"
         )
-    # the latest complete run of each (protocol, arch, L0, budget, seed), as the leaderboard counts them: a run
+    # the latest complete run of each (protocol, arch, L0, budget, precision, seed), as the leaderboard counts them: a run
     # on another budget is its own entry, never a replacement (bench.leaderboard.group_key)
-    from saelab.bench.leaderboard import budget_of, group_key, protocol_budget_of
+    from saelab.bench.leaderboard import budget_of, latest_complete_runs, protocol_budget_of
 
-    latest: dict[tuple, dict[str, Any]] = {}
-    for r in runs:
-        if r["status"] == "complete":
-            latest[(r["protocol"], *group_key(r), r["seed"])] = r
+    latest = latest_complete_runs(runs)
     entries = []
     for r in latest.values():
         metrics = dict(r.get("metrics") or {})
